@@ -1,0 +1,140 @@
+"""Checking an export against the compact model it came from.
+
+Every format's ``validate`` runs the artifact on the same sample inputs as the
+compact model's numpy reference and hands both to `compare`, which checks
+output names, shapes and values per task and output, collects every failure,
+and returns a report with the figures (raising ValidationError with them when
+asked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mann_edge.errors import ValidationError
+from mann_edge.graph.model import CompactModel, Task
+
+__all__ = ["OutputCheck", "ValidationReport", "sample_inputs", "compare", "tolerances"]
+
+
+def tolerances(dtype: str) -> tuple[float, float]:
+    """Default (atol, rtol) for weights stored as ``dtype``."""
+    return (1e-5, 1e-4) if dtype == "float32" else (1e-2, 1e-2)
+
+
+@dataclass
+class OutputCheck:
+    """One output of one task at one batch size: how far the artifact is from the reference."""
+
+    task: str
+    output: str
+    batch: int
+    max_abs_error: float
+    max_rel_error: float
+    ok: bool
+    problem: str = ""
+
+
+@dataclass
+class ValidationReport:
+    """All checks of one artifact; ``ok`` when every output of every task is within tolerance."""
+
+    format: str
+    artifact: str
+    atol: float
+    rtol: float
+    checks: list[OutputCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(check.ok for check in self.checks)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((c.max_abs_error for c in self.checks), default=float("nan"))
+
+    def failures(self) -> list[OutputCheck]:
+        return [check for check in self.checks if not check.ok]
+
+    def raise_for_errors(self) -> "ValidationReport":
+        """Raises ValidationError listing every failing output with its figures; returns self otherwise."""
+        bad = self.failures()
+        if bad:
+            details = "; ".join(
+                f"task {c.task!r} output '{c.output}' batch {c.batch}: "
+                + (c.problem or f"max abs error {c.max_abs_error:.3g} (atol {self.atol:g}, rtol {self.rtol:g})")
+                for c in bad
+            )
+            raise ValidationError(f"{self.format} export {self.artifact} does not match the compact model: {details}")
+        if not self.checks:
+            raise ValidationError(f"{self.format} export {self.artifact}: nothing was checked")
+        return self
+
+
+def _vocabulary(model: CompactModel, input_name: str) -> int | None:
+    """Rows of the smallest embedding table that reads ``input_name`` (so sample ids stay valid)."""
+    sizes = [model.weights[node.weights["table"]].shape[0] for node in model.nodes
+             if node.op == "embedding" and node.inputs[0] == input_name]
+    return min(sizes) if sizes else None
+
+
+def sample_inputs(model: CompactModel, task: str | Task, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs for a task: standard normal floats, valid ids for embedding inputs."""
+    task = model.task(task) if isinstance(task, str) else task
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in task.inputs:
+        shape = tuple(batch if d is None else d for d in spec.shape)
+        vocabulary = _vocabulary(model, spec.name)
+        if vocabulary is not None or spec.dtype.startswith("int"):
+            arrays[spec.name] = rng.integers(0, vocabulary or 2, shape).astype(spec.dtype)
+        else:
+            arrays[spec.name] = rng.normal(0.0, 1.0, shape).astype(spec.dtype)
+    return arrays
+
+
+def compare(
+    model: CompactModel,
+    run: Callable[[str, dict[str, np.ndarray]], Sequence[np.ndarray]],
+    *,
+    format: str,
+    artifact: str,
+    atol: float,
+    rtol: float,
+    tasks: Sequence[str] | None = None,
+    batches: Sequence[int] = (1, 8),
+    seed: int = 0,
+) -> ValidationReport:
+    """Runs every task (or ``tasks``) through ``run`` and the reference; returns the report (does not raise)."""
+    report = ValidationReport(format, str(artifact), atol, rtol)
+    for name in tasks or model.task_names:
+        task = model.task(name)
+        for batch in batches:
+            inputs = sample_inputs(model, task, batch, seed)
+            expected = model.run(name, inputs)
+            try:
+                actual = list(run(name, inputs))
+            except Exception as error:  # the artifact failing to run is a finding, reported with the rest
+                report.checks.append(OutputCheck(name, "*", batch, float("inf"), float("inf"), False, f"failed to run: {error}"))
+                continue
+            if len(actual) != len(expected):
+                report.checks.append(OutputCheck(name, "*", batch, float("inf"), float("inf"), False,
+                                                 f"returned {len(actual)} outputs, expected {len(expected)}"))
+                continue
+            for spec, want, got in zip(task.outputs, expected, actual):
+                got = np.asarray(got)
+                if got.shape != want.shape:
+                    report.checks.append(OutputCheck(name, spec.name, batch, float("inf"), float("inf"), False,
+                                                     f"shape {got.shape}, expected {want.shape}"))
+                    continue
+                diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+                finite = bool(np.all(np.isfinite(got)) or np.array_equal(np.isfinite(got), np.isfinite(want)))
+                abs_error = float(np.nanmax(diff)) if diff.size else 0.0
+                rel_error = float(np.nanmax(diff / (np.abs(want) + 1e-12))) if diff.size else 0.0
+                ok = finite and bool(np.all(diff <= atol + rtol * np.abs(want)))
+                report.checks.append(OutputCheck(name, spec.name, batch, abs_error, rel_error, ok,
+                                                 "" if finite else "non-finite values where the reference has none"))
+    return report

@@ -1,0 +1,376 @@
+"""The `.mann` bundle: a zip (or a directory) of ``manifest.json`` and ``weights.safetensors``.
+
+Reading never runs code from the file: JSON and raw arrays only. Every name,
+shape, size and hash is checked against the manifest before arrays are made,
+so a truncated, tampered or hostile file gives a BundleError saying what is
+wrong, and a bundle from a newer mann-edge says so.
+
+Example:
+    >>> cm.save("model.mann")
+    >>> same = load_compact("model.mann")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from mann_edge import safetensors_codec
+from mann_edge._version import __version__
+from mann_edge.errors import BundleError
+from mann_edge.files import atomic_output
+from mann_edge.graph.model import DTYPES, CompactModel, Node, Task, TensorSpec
+from mann_edge.graph.ops import OPS
+from mann_edge.sparse import LAYOUTS, CSRWeight
+
+__all__ = ["save_compact", "load_compact", "manifest_of", "tasks_from_manifest", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "mann-edge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_WEIGHTS_BYTES = 16 * 1024**3
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def _weight_arrays(model: CompactModel) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    arrays, entries = {}, {}
+    for key, weight in model.weights.items():
+        if isinstance(weight, CSRWeight):
+            entries[key] = {"kind": "csr", "shape": list(weight.shape), "layout": weight.layout, "dtype": str(weight.dtype)}
+            arrays[f"{key}/indptr"], arrays[f"{key}/indices"], arrays[f"{key}/data"] = (
+                weight.indptr,
+                weight.indices,
+                weight.data,
+            )
+        else:
+            entries[key] = {"kind": "dense", "shape": list(weight.shape), "dtype": str(weight.dtype)}
+            arrays[key] = weight
+    return arrays, entries
+
+
+def manifest_of(model: CompactModel, weight_entries: Mapping | None = None) -> dict:
+    """The manifest (JSON-able dict) describing ``model``; exports embed it in their metadata."""
+    if weight_entries is None:
+        weight_entries = _weight_arrays(model)[1]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "inputs": [spec.to_json() for spec in model.inputs],
+        "nodes": [node.to_json() for node in model.nodes],
+        "tasks": [task.to_json() for task in model.tasks],
+        "weights": dict(weight_entries),
+        "provenance": dict(model.provenance),
+    }
+
+
+def save_compact(model: CompactModel, path: "str | os.PathLike", *, force: bool = False) -> str:
+    """Writes ``model`` as a `.mann` zip at ``path`` (atomically); returns the path."""
+    arrays, entries = _weight_arrays(model)
+    blob = safetensors_codec.encode(arrays, metadata={"format": FORMAT})
+    manifest = manifest_of(model, entries)
+    manifest["provenance"].setdefault("mann_edge_version", __version__)
+    manifest["weights_file"] = {"name": WEIGHTS, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    text = json.dumps(manifest, indent=1, sort_keys=False).encode()
+    with atomic_output(path, force=force) as tmp:
+        with zipfile.ZipFile(tmp, "w") as archive:
+            archive.writestr(MANIFEST, text, compress_type=zipfile.ZIP_DEFLATED)
+            archive.writestr(WEIGHTS, blob, compress_type=zipfile.ZIP_STORED)
+    return str(path)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def load_compact(path: "str | os.PathLike") -> CompactModel:
+    """Reads a `.mann` bundle (zip or directory) into a CompactModel, checking everything on the way.
+
+    Raises:
+        BundleError: missing, truncated, tampered, or newer than this mann-edge reads.
+
+    Example:
+        >>> cm = load_compact("model.mann")
+        >>> cm.task_names
+        ['digits', 'cancer']
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"Bundle {path} does not exist")
+    manifest_bytes, read_weights = _open(path)
+    try:
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BundleError(f"Bundle {path}: {MANIFEST} is not valid JSON ({error})") from None
+    reader = _ManifestReader(path, manifest)
+    reader.check_header()
+    declared = reader.weights_file()
+    blob = read_weights(declared["bytes"])
+    if len(blob) != declared["bytes"]:
+        raise BundleError(f"Bundle {path}: {WEIGHTS} is {len(blob)} bytes, the manifest says {declared['bytes']} (truncated?)")
+    if hashlib.sha256(blob).hexdigest() != declared["sha256"]:
+        raise BundleError(f"Bundle {path}: {WEIGHTS} does not match the manifest's sha256 (corrupt or tampered)")
+    try:
+        arrays, _ = safetensors_codec.decode(blob)
+    except ValueError as error:
+        raise BundleError(f"Bundle {path}: {WEIGHTS}: {error}") from None
+    return reader.model(arrays)
+
+
+def tasks_from_manifest(manifest: Any, source: "str | os.PathLike") -> list[Task]:
+    """The tasks described by a manifest embedded in an export's metadata (no weights needed).
+
+    Raises BundleError naming ``source`` when the manifest is not one mann-edge wrote.
+    """
+    reader = _ManifestReader(Path(source), manifest)
+    reader.check_header()
+    inputs = [reader.spec(s, f"inputs[{i}]") for i, s in enumerate(reader.field(manifest, "inputs", list, "manifest"))]
+    nodes = {n.get("name"): None for n in reader.field(manifest, "nodes", list, "manifest") if isinstance(n, dict)}
+    tasks = [reader.task(t, f"tasks[{i}]", inputs, nodes) for i, t in enumerate(reader.field(manifest, "tasks", list, "manifest"))]
+    if not tasks:
+        reader.fail("tasks", "is empty; a model needs at least one task")
+    return tasks
+
+
+def _open(path: Path):
+    """(manifest bytes, function reading the weights given their declared size)."""
+    if path.is_dir():
+        manifest_path, weights_path = path / MANIFEST, path / WEIGHTS
+        for part in (manifest_path, weights_path):
+            if not part.is_file():
+                raise BundleError(f"Bundle directory {path} has no {part.name}")
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"Bundle {path}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+
+        def read_weights(expected: int) -> bytes:
+            if weights_path.stat().st_size != expected:
+                raise BundleError(
+                    f"Bundle {path}: {WEIGHTS} is {weights_path.stat().st_size} bytes, the manifest says {expected}"
+                )
+            return weights_path.read_bytes()
+
+        return manifest_path.read_bytes(), read_weights
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise BundleError(f"Bundle {path} is not a readable .mann zip ({error}); truncated or not a bundle?") from None
+    infos = {}
+    for info in archive.infolist():
+        name = info.filename
+        if name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name:
+            raise BundleError(f"Bundle {path} has an unsafe entry name {name!r}; refusing to read it")
+        if name not in (MANIFEST, WEIGHTS):
+            raise BundleError(f"Bundle {path} has an unexpected entry {name!r}; a bundle holds only {MANIFEST} and {WEIGHTS}")
+        infos[name] = info
+    for name in (MANIFEST, WEIGHTS):
+        if name not in infos:
+            raise BundleError(f"Bundle {path} has no {name}")
+    if infos[MANIFEST].file_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"Bundle {path}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+
+    def read(name: str, limit: int) -> bytes:
+        try:
+            with archive.open(infos[name]) as handle:
+                return handle.read(limit + 1)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+            raise BundleError(f"Bundle {path}: cannot read {name} ({error}); the file is truncated or corrupt") from None
+
+    def read_weights(expected: int) -> bytes:
+        if infos[WEIGHTS].file_size != expected:
+            raise BundleError(f"Bundle {path}: {WEIGHTS} is {infos[WEIGHTS].file_size} bytes, the manifest says {expected}")
+        return read(WEIGHTS, expected)
+
+    return read(MANIFEST, MAX_MANIFEST_BYTES), read_weights
+
+
+class _ManifestReader:
+    """Checks a manifest field by field; every error names the bundle and the field."""
+
+    def __init__(self, path: Path, manifest: Any):
+        self.path = path
+        if not isinstance(manifest, dict):
+            self.fail("manifest", "must be a JSON object")
+        self.manifest = manifest
+
+    def fail(self, where: str, message: str):
+        raise BundleError(f"Bundle {self.path}: {where} {message}")
+
+    def field(self, data: Any, key: str, kind, where: str):
+        if not isinstance(data, dict) or key not in data:
+            self.fail(where, f"has no '{key}'")
+        value = data[key]
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            self.fail(f"{where}.{key}", f"must be {names}, got {type(value).__name__}")
+        return value
+
+    def shape(self, value: Any, where: str, allow_none: bool) -> tuple:
+        if not isinstance(value, list) or not all(
+            (d is None and allow_none) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in value
+        ):
+            self.fail(where, f"must be a list of non-negative ints{' or null' if allow_none else ''}, got {value!r}")
+        return tuple(value)
+
+    def dtype(self, value: Any, where: str, allowed=DTYPES) -> str:
+        if value not in allowed:
+            self.fail(where, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+
+    def check_header(self) -> None:
+        if self.manifest.get("format") != FORMAT:
+            self.fail("manifest", f"is not a mann-edge bundle manifest (format {self.manifest.get('format')!r})")
+        version = self.field(self.manifest, "format_version", int, "manifest")
+        if version > FORMAT_VERSION:
+            self.fail(
+                "manifest",
+                f"has format version {version}, newer than the {FORMAT_VERSION} this mann-edge {__version__} reads; "
+                "upgrade mann-edge to read it",
+            )
+        if version < 1:
+            self.fail("manifest.format_version", f"must be at least 1, got {version}")
+
+    def weights_file(self) -> dict:
+        entry = self.field(self.manifest, "weights_file", dict, "manifest")
+        size = self.field(entry, "bytes", int, "manifest.weights_file")
+        if not 0 <= size <= MAX_WEIGHTS_BYTES:
+            self.fail("manifest.weights_file.bytes", f"must be between 0 and {MAX_WEIGHTS_BYTES}, got {size}")
+        digest = self.field(entry, "sha256", str, "manifest.weights_file")
+        if len(digest) != 64:
+            self.fail("manifest.weights_file.sha256", "must be 64 hex digits")
+        return {"bytes": size, "sha256": digest}
+
+    def spec(self, data: Any, where: str) -> TensorSpec:
+        return TensorSpec(
+            self.field(data, "name", str, where),
+            self.shape(self.field(data, "shape", list, where), f"{where}.shape", allow_none=True),
+            self.dtype(self.field(data, "dtype", str, where), f"{where}.dtype"),
+        )
+
+    def model(self, arrays: dict[str, np.ndarray]) -> CompactModel:
+        m = self.manifest
+        inputs = [self.spec(s, f"inputs[{i}]") for i, s in enumerate(self.field(m, "inputs", list, "manifest"))]
+        known = {spec.name for spec in inputs}
+        if len(known) != len(inputs):
+            self.fail("inputs", "has duplicate names")
+        weights = self.weights(self.field(m, "weights", dict, "manifest"), arrays)
+        nodes = []
+        for i, data in enumerate(self.field(m, "nodes", list, "manifest")):
+            node = self.node(data, f"nodes[{i}]", known, weights)
+            known.add(node.name)
+            nodes.append(node)
+        by_name = {node.name: node for node in nodes}
+        tasks = [self.task(t, f"tasks[{i}]", inputs, by_name) for i, t in enumerate(self.field(m, "tasks", list, "manifest"))]
+        if not tasks:
+            self.fail("tasks", "is empty; a bundle needs at least one task")
+        if len({t.name for t in tasks}) != len(tasks):
+            self.fail("tasks", "has duplicate task names")
+        provenance = m.get("provenance", {})
+        if not isinstance(provenance, dict):
+            self.fail("provenance", "must be an object")
+        return CompactModel(inputs, nodes, tasks, weights, provenance)
+
+    def node(self, data: Any, where: str, known: set, weights: dict) -> Node:
+        name = self.field(data, "name", str, where)
+        op = self.field(data, "op", str, where)
+        if name in known:
+            self.fail(f"{where}.name", f"{name!r} is used twice")
+        if op not in OPS:
+            self.fail(f"{where}.op", f"{op!r} is not an op this mann-edge knows; supported: {sorted(OPS)}")
+        inputs = self.field(data, "inputs", list, where)
+        for tensor in inputs:
+            if tensor not in known:
+                self.fail(f"{where}.inputs", f"refers to {tensor!r}, which is not an input or an earlier node")
+        roles = self.field(data, "weights", dict, where)
+        for role, key in roles.items():
+            if key not in weights:
+                self.fail(f"{where}.weights.{role}", f"refers to {key!r}, which is not in the weights")
+        attrs = self.field(data, "attrs", dict, where)
+        node = Node(
+            name,
+            op,
+            tuple(inputs),
+            dict(roles),
+            attrs,
+            self.shape(self.field(data, "shape", list, where), f"{where}.shape", allow_none=True),
+            self.dtype(self.field(data, "dtype", str, where), f"{where}.dtype"),
+        )
+        try:
+            OPS[op].check(node)
+        except ValueError as error:
+            self.fail(where, str(error))
+        return node
+
+    def task(self, data: Any, where: str, inputs: list[TensorSpec], nodes: dict) -> Task:
+        name = self.field(data, "name", str, where)
+        by_name = {spec.name: spec for spec in inputs}
+        task_inputs = []
+        for input_name in self.field(data, "inputs", list, where):
+            if input_name not in by_name:
+                self.fail(f"{where}.inputs", f"refers to {input_name!r}, which is not a model input")
+            task_inputs.append(by_name[input_name])
+        outputs, tensors = [], []
+        for j, out in enumerate(self.field(data, "outputs", list, where)):
+            outputs.append(self.spec(out, f"{where}.outputs[{j}]"))
+            tensor = self.field(out, "tensor", str, f"{where}.outputs[{j}]")
+            if tensor not in nodes and tensor not in by_name:
+                self.fail(f"{where}.outputs[{j}].tensor", f"refers to {tensor!r}, which is not a node or input")
+            tensors.append(tensor)
+        if not outputs:
+            self.fail(f"{where}.outputs", "is empty; a task needs at least one output")
+        labels = data.get("labels", {})
+        if not isinstance(labels, dict) or not all(
+            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in labels.values()
+        ):
+            self.fail(f"{where}.labels", "must map output names to lists of strings")
+        return Task(name, tuple(task_inputs), tuple(outputs), tuple(tensors), labels)
+
+    def weights(self, entries: dict, arrays: dict[str, np.ndarray]) -> dict:
+        weights, used = {}, set()
+        for key, entry in entries.items():
+            where = f"weights[{key!r}]"
+            kind = self.field(entry, "kind", str, where)
+            shape = self.shape(self.field(entry, "shape", list, where), f"{where}.shape", allow_none=False)
+            dtype = self.dtype(self.field(entry, "dtype", str, where), f"{where}.dtype")
+            if kind == "dense":
+                array = self.array(arrays, key, where)
+                used.add(key)
+                if array.shape != shape or str(array.dtype) != dtype:
+                    self.fail(where, f"is {array.dtype}{list(array.shape)} in the weights file, the manifest says {dtype}{list(shape)}")
+                weight = array
+            elif kind == "csr":
+                layout = self.field(entry, "layout", str, where)
+                if layout not in LAYOUTS:
+                    self.fail(f"{where}.layout", f"must be one of {LAYOUTS}, got {layout!r}")
+                parts = [self.array(arrays, f"{key}/{part}", where) for part in ("indptr", "indices", "data")]
+                used.update(f"{key}/{part}" for part in ("indptr", "indices", "data"))
+                if str(parts[2].dtype) != dtype:
+                    self.fail(where, f"values are {parts[2].dtype}, the manifest says {dtype}")
+                try:
+                    weight = CSRWeight(shape, layout, *parts)
+                except ValueError as error:
+                    self.fail(where, str(error))
+            else:
+                self.fail(f"{where}.kind", f"must be 'dense' or 'csr', got {kind!r}")
+            values = weight.data if isinstance(weight, CSRWeight) else weight
+            if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
+                self.fail(where, "holds NaN or infinite values")
+            weights[key] = weight
+        extra = set(arrays) - used
+        if extra:
+            self.fail("weights file", f"holds tensors the manifest does not list: {sorted(extra)[:5]}")
+        return weights
+
+    def array(self, arrays: dict, key: str, where: str) -> np.ndarray:
+        if key not in arrays:
+            self.fail(where, f"needs tensor {key!r}, which the weights file does not have")
+        return arrays[key]

@@ -1,0 +1,83 @@
+"""Writing outputs safely: never half-written under a final name, never overwritten without force."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from mann_edge.errors import OutputExistsError
+
+__all__ = ["atomic_output", "check_writable_dir", "sha256_file"]
+
+
+@contextlib.contextmanager
+def atomic_output(path: "str | os.PathLike", *, force: bool = False, directory: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; on success it is renamed to ``path``, on error removed.
+
+    ``directory=True`` yields a fresh directory (for Core ML packages). An existing
+    ``path`` raises OutputExistsError unless ``force``.
+
+    Example:
+        >>> with atomic_output("model.mann") as tmp:
+        ...     tmp.write_bytes(data)
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; pass force=True (--force) to overwrite it")
+    check_writable_dir(path.parent)
+    prefix = f".{path.name}."
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_writable_dir(directory: "str | os.PathLike", *, create: bool = False) -> Path:
+    """``directory`` as a Path if it is a writable directory (made when ``create``), else OSError saying why."""
+    directory = Path(directory) if str(directory) else Path(".")
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"Output directory {directory} is a file, not a directory")
+    if not directory.exists():
+        if not create:
+            raise FileNotFoundError(f"Output directory {directory} does not exist")
+        directory.mkdir(parents=True)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"Output directory {directory} is not writable")
+    return directory
+
+
+def sha256_file(path: "str | os.PathLike") -> str:
+    """Hex SHA-256 of a file, or of every file in a directory (sorted by relative path)."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

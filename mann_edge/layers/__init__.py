@@ -1,0 +1,37 @@
+"""Keras 3 MANN layers, compatible with the original `mann`/`beyondml` layers.
+
+Constructor arguments, config keys and weight shapes (tasks first, masks as
+non-trainable weights) match the originals, and every class is registered for
+serialization, so ``keras.models.load_model("m.keras")`` needs no custom_objects.
+
+Example:
+    >>> from mann_edge.layers import MultiMaskedDense, SelectorLayer
+    >>> x0, x1 = keras.Input((64,)), keras.Input((30,))
+    >>> h = MultiMaskedDense(32, activation="relu")([MaskedDense(32)(x0), MaskedDense(32)(x1)])
+"""
+
+from mann_edge.layers.masked import MaskedConv2D, MaskedDense
+from mann_edge.layers.multi import (
+    MultiConv2D,
+    MultiDense,
+    MultiMaskedConv2D,
+    MultiMaskedDense,
+    MultiMaxPool2D,
+)
+from mann_edge.layers.routing import FilterLayer, SelectorLayer, SumLayer
+
+__all__ = [
+    "MaskedDense",
+    "MaskedConv2D",
+    "MultiMaskedDense",
+    "MultiMaskedConv2D",
+    "MultiDense",
+    "MultiConv2D",
+    "MultiMaxPool2D",
+    "SelectorLayer",
+    "FilterLayer",
+    "SumLayer",
+]
+
+MASKED_LAYERS = (MaskedDense, MaskedConv2D, MultiMaskedDense, MultiMaskedConv2D)
+MULTITASK_LAYERS = (MultiDense, MultiMaskedDense, MultiConv2D, MultiMaskedConv2D, MultiMaxPool2D)
