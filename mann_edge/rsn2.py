@@ -41,7 +41,7 @@ __all__ = ["mask_model", "select_mask", "train_task", "prune_task", "fit_rsn2", 
 def select_mask(
     scores: np.ndarray, percentile: float, available: np.ndarray | None = None, block_size: int = 1
 ) -> np.ndarray:
-    """A 0/1 mask keeping the highest-scoring ``100 - percentile`` % of the positions of ``scores``.
+    """A 0/1 mask keeping the highest-scoring ``100 - percentile`` % (rounded down) of the positions of ``scores``.
 
     The count kept is taken of the whole slice, as in the original; only ``available``
     positions (default: all) can be kept. With ``block_size > 1`` the first axis of a
@@ -58,7 +58,8 @@ def select_mask(
     available = np.ones(scores.shape, bool) if available is None else np.asarray(available, bool)
     if block_size > 1:
         return _select_blocks(scores, percentile, available, block_size)
-    keep = min(int(round(scores.size * (100 - percentile) / 100)), int(available.sum()))
+    # At least `percentile` % is pruned (ceil), so a reported sparsity never falls short of the one asked.
+    keep = min(scores.size - math.ceil(round(scores.size * percentile / 100, 6)), int(available.sum()))
     flat_scores, flat_available = scores.ravel(), available.ravel()
     candidates = np.flatnonzero(flat_available)
     # Stable order: among equal scores the first positions win, so results are reproducible.
@@ -482,9 +483,11 @@ def prune_task(model, task, x, y, validation_data, *, step: float = 10, max_spar
                metric: str = "accuracy", progress: Callable[[str], None] | None = None, **train_args) -> TaskReport:
     """Prunes one task in steps of ``step`` points while its validation ``metric`` stays within ``tolerance`` of its best.
 
-    After each step the task retrains for ``epochs``. The step that drops the metric
-    below ``best - tolerance`` is rolled back (weights and masks) and pruning stops;
-    otherwise it stops at ``max_sparsity``.
+    The best is the task's metric before this pruning (its dense value): measuring each
+    step against it, rather than against the highest value seen so far, keeps the noise
+    of a small validation set from raising the bar. After each step the task retrains for
+    ``epochs``. The step that drops the metric below ``best - tolerance`` is rolled back
+    (weights and masks) and pruning stops; otherwise it stops at ``max_sparsity``.
 
     Example:
         >>> report = prune_task(model, "digits", x, y, (x_val, y_val), max_sparsity=90)
@@ -497,6 +500,13 @@ def prune_task(model, task, x, y, validation_data, *, step: float = 10, max_spar
     slices = _task_mask_slices(model, index, protect_idx)
     if not slices:
         raise ValueError(f"Task {name!r} owns no masked weights that are not shared with a protected task")
+    for weight, slab, held in slices:
+        if held is not None and held.all():
+            protected = [_task_name(model, p) for p in protect_idx]
+            raise ValueError(
+                f"Task {name!r} has no free positions in '{weight.layer.name}': the protected tasks {protected} "
+                "hold them all. Prune those tasks first (fit_rsn2 does), or pass protect=[]"
+            )
     say = progress or (lambda message: None)
     train_args = dict(train_args, protect=protect_idx, metrics=(metric,) if metric != "loss" else ())
 
@@ -509,7 +519,7 @@ def prune_task(model, task, x, y, validation_data, *, step: float = 10, max_spar
             raise ValueError(f"Metric {metric!r} is not among the evaluated ones: {sorted(logs)}")
         return logs[metric]
 
-    best = dense = score()
+    best = score()
     steps = []
     targets = [min(max_sparsity, step * k) for k in range(1, math.ceil(max_sparsity / step) + 1)]
     for target in targets:
@@ -519,16 +529,15 @@ def prune_task(model, task, x, y, validation_data, *, step: float = 10, max_spar
         value = score()
         kept = value >= best - tolerance
         steps.append((target, value, kept))
-        say(f"  [{name}] sparsity {target:5.1f}%  val {metric} {value:.4f}  (best {best:.4f})  "
+        say(f"  [{name}] sparsity {target:5.1f}%  val {metric} {value:.4f}  (dense {best:.4f})  "
             f"{'kept' if kept else 'rolled back'}")
         if not kept:
             for variable, value_before, mask, mask_before in snapshot:
                 mask.assign(mask_before)
                 variable.assign(value_before)
             break
-        best = max(best, value)
     sparsity, per_layer = _task_sparsity(slices)
-    return TaskReport(name, metric, dense, score(), sparsity, per_layer, steps)
+    return TaskReport(name, metric, best, score(), sparsity, per_layer, steps)
 
 
 def _task_name(model, index: int) -> str:

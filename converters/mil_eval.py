@@ -1,0 +1,447 @@
+"""Evaluates a saved Core ML package's ML program in numpy: how a Core ML export is checked off macOS.
+
+The package is read back as Core ML would read it: its spec and weights file are loaded
+into a MIL program (``coremltools.converters.mil.frontend.milproto.load``), each
+``constexpr_*`` op is decompressed (its ``materialized_val_inference``, i.e. the
+bitmask and nonzero values of ``constexpr_sparse_to_dense`` become the dense weight),
+and every other op runs through a numpy kernel, one small function per MIL op type in
+`KERNELS`. An op type without a kernel is refused by name when the program is opened.
+
+Each op's result is cast to the dtype its output var declares, so a float16 program
+rounds to float16 after every op (kernels compute in float32 from float16 inputs, as
+Core ML's float16 backends accumulate wider), and a float32 program stays in float32.
+
+This is the MIL spec's semantics in numpy, not Core ML itself: it checks that the package
+holds the right program and weights, not how Core ML's backends round.
+
+Example:
+    >>> evaluator = MILEvaluator("out/coreml/digits.mlpackage")
+    >>> evaluator.predict({"digits_in": x})["digits"].shape
+    (1, 10)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+from scipy import special
+
+from mann_edge.errors import ValidationError
+from mann_edge.runtime.coreml import import_coremltools
+
+__all__ = ["MILEvaluator", "KERNELS", "kernel"]
+
+KERNELS: dict[str, Callable] = {}
+
+
+def kernel(*op_types: str):
+    """Registers a numpy kernel for MIL op types: ``fn(**inputs) -> array or tuple of arrays``."""
+
+    def register(fn: Callable) -> Callable:
+        for op_type in op_types:
+            KERNELS[op_type] = fn
+        return fn
+
+    return register
+
+
+class MILEvaluator:
+    """One function of a saved `.mlpackage`, ready to evaluate in numpy.
+
+    Args:
+        path: the `.mlpackage`.
+        function: the function of a multifunction package (None: the default function).
+
+    Raises:
+        ValidationError: the program has an op type without a numpy kernel (named), or no such function.
+
+    Example:
+        >>> MILEvaluator("model.mlpackage", function="digits").predict({"x": x})
+    """
+
+    def __init__(self, path: "str | os.PathLike", *, function: str | None = None):
+        ct = import_coremltools()
+        from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+
+        self.path = Path(path)
+        mlmodel = ct.models.MLModel(str(self.path), skip_model_load=True)
+        spec = mlmodel.get_spec()
+        program = load_milproto(spec, spec.specificationVersion, mlmodel.weights_dir)
+        name = function or spec.description.defaultFunctionName or "main"
+        if name not in program.functions:
+            raise ValidationError(
+                f"Core ML package {self.path} has no function {name!r}; it has {sorted(program.functions)}"
+            )
+        self.function_name = name
+        self.function = program.functions[name]
+        self.input_names = list(self.function.inputs)
+        self.output_names = [var.name for var in self.function.outputs]
+        self._constants: dict[str, np.ndarray] = {}
+        self._steps = []
+        for op in self.function.operations:
+            if op.op_type == "const":
+                self._constants[op.outputs[0].name] = np.asarray(op.outputs[0].val)
+            elif op.op_type.startswith("constexpr_"):
+                values = op.materialized_val_inference()
+                values = values if isinstance(values, tuple) else (values,)
+                for var, value in zip(op.outputs, values):
+                    self._constants[var.name] = np.asarray(value)
+            elif op.op_type in KERNELS:
+                self._steps.append(op)
+            else:
+                raise ValidationError(
+                    f"Core ML package {self.path} (function {name!r}): MIL op type {op.op_type!r} (op '{op.name}') "
+                    f"has no numpy kernel in mann_edge.converters.mil_eval, so the package cannot be evaluated here. "
+                    f"Evaluated op types: {sorted(KERNELS)}"
+                )
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Evaluates the function on named inputs (cast to the inputs' MIL dtypes); returns outputs by name."""
+        missing = set(self.input_names) - set(inputs)
+        if missing:
+            raise ValidationError(
+                f"Core ML package {self.path}: missing inputs {sorted(missing)}; it takes {self.input_names}"
+            )
+        values = dict(self._constants)
+        for name, var in self.function.inputs.items():
+            values[name] = np.asarray(inputs[name], dtype=_numpy_dtype(var.dtype))
+        with np.errstate(all="ignore"):  # exp overflow, log(0): inf and nan are results, as on device
+            for op in self._steps:
+                arguments = {key: _lookup(values, var) for key, var in op.inputs.items()}
+                try:
+                    results = KERNELS[op.op_type](**arguments)
+                except (ValueError, TypeError, IndexError) as error:
+                    raise ValidationError(
+                        f"Core ML package {self.path}: evaluating op '{op.name}' ({op.op_type}) failed: {error}"
+                    ) from error
+                results = results if isinstance(results, tuple) else (results,)
+                for var, result in zip(op.outputs, results):
+                    values[var.name] = np.asarray(result).astype(_numpy_dtype(var.dtype), copy=False)
+        return {name: values[name] for name in self.output_names}
+
+
+def _numpy_dtype(mil_dtype) -> np.dtype:
+    from coremltools.converters.mil.mil import types
+
+    return np.dtype(types.nptype_from_builtin(mil_dtype))
+
+
+def _lookup(values: dict, var):
+    """An op input's value: a tensor (float16 widened to float32 for the kernel), a tuple for variadic inputs."""
+    if isinstance(var, (list, tuple)):
+        return [_lookup(values, v) for v in var]
+    value = values[var.name] if var.name in values else np.asarray(var.val)
+    if value.dtype == np.float16:
+        return value.astype(np.float32)
+    if value.dtype.kind in "SUO" and value.ndim == 0:  # string attributes such as pad_type
+        return str(value)
+    return value
+
+
+def _axes(axes, rank: int):
+    return tuple(range(rank)) if axes is None else tuple(int(a) % rank for a in np.atleast_1d(axes))
+
+
+# -- elementwise ---------------------------------------------------------------------------------
+
+_BINARY = {
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "real_div": np.divide,
+    "maximum": np.maximum,
+    "minimum": np.minimum,
+    "pow": np.power,
+    "greater": np.greater,
+    "greater_equal": np.greater_equal,
+    "less": np.less,
+    "less_equal": np.less_equal,
+    "equal": np.equal,
+    "not_equal": np.not_equal,
+}
+
+_UNARY = {
+    "abs": np.abs,
+    "sign": np.sign,
+    "exp": np.exp,
+    "sqrt": np.sqrt,
+    "square": np.square,
+    "tanh": np.tanh,
+    "erf": special.erf,
+    "sigmoid": special.expit,
+    "relu": lambda x: np.maximum(x, 0),
+    "relu6": lambda x: np.clip(x, 0, 6),
+    "softplus": lambda x: np.logaddexp(np.zeros((), x.dtype), x),
+    "softsign": lambda x: x / (1 + np.abs(x)),
+    "silu": lambda x: x * special.expit(x),
+    "identity": lambda x: x,
+}
+
+
+def _binary(fn):
+    def run(x, y):
+        return fn(x, y)
+
+    return run
+
+
+def _unary(fn):
+    def run(x):
+        return fn(x)
+
+    return run
+
+
+for _name, _fn in _BINARY.items():
+    kernel(_name)(_binary(_fn))
+for _name, _fn in _UNARY.items():
+    kernel(_name)(_unary(_fn))
+
+
+@kernel("log")
+def _log(x, epsilon=1e-45):
+    return np.log(x + epsilon)
+
+
+@kernel("rsqrt")
+def _rsqrt(x, epsilon=1e-12):
+    return 1.0 / np.sqrt(x + epsilon)
+
+
+@kernel("cast")
+def _cast(x, dtype):
+    return x  # the output var's declared dtype does the cast
+
+
+@kernel("select")
+def _select(cond, a, b):
+    return np.where(cond, a, b)
+
+
+@kernel("clip")
+def _clip(x, alpha, beta):
+    return np.minimum(np.maximum(x, alpha), beta)
+
+
+@kernel("leaky_relu")
+def _leaky_relu(x, alpha=0.01):
+    return np.where(x >= 0, x, alpha * x)
+
+
+@kernel("elu")
+def _elu(x, alpha=1.0):
+    return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+
+
+@kernel("sigmoid_hard")
+def _sigmoid_hard(x, alpha=0.2, beta=0.5):
+    return np.minimum(np.maximum(alpha * x + beta, 0), 1)
+
+
+@kernel("gelu")
+def _gelu(x, mode="EXACT"):
+    if mode == "EXACT":
+        return 0.5 * x * (1.0 + special.erf(x / np.sqrt(np.float32(2.0))))
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(np.float32(2.0 / np.pi)) * (x + 0.044715 * x**3)))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x * special.expit(1.702 * x)
+    raise ValueError(f"unknown gelu mode {mode!r}")
+
+
+@kernel("fill_like")
+def _fill_like(ref_tensor, value=0.0):
+    return np.full(ref_tensor.shape, value)
+
+
+# -- reductions, softmax, sorting ----------------------------------------------------------------
+
+
+def _reduction(fn):
+    def run(x, axes=None, keep_dims=False):
+        return fn(x, axis=_axes(axes, x.ndim), keepdims=bool(keep_dims))
+
+    return run
+
+
+for _name, _fn in {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min}.items():
+    kernel(_name)(_reduction(_fn))
+
+
+@kernel("softmax")
+def _softmax(x, axis=-1):
+    shifted = x - np.max(x, axis=int(axis), keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=int(axis), keepdims=True)
+
+
+@kernel("topk")
+def _topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True):
+    axis = int(axis)
+    order = np.argsort(x if ascending else -x, axis=axis, kind="stable")
+    order = np.take(order, np.arange(int(k)), axis=axis)
+    values = np.take_along_axis(x, order, axis=axis)
+    return (values, order.astype(np.int32)) if return_indices else values
+
+
+@kernel("cumsum")
+def _cumsum(x, axis=0, exclusive=False, reverse=False):
+    axis = int(axis)
+    data = np.flip(x, axis) if reverse else x
+    total = np.cumsum(data, axis=axis)
+    if exclusive:
+        total = total - data
+    return np.flip(total, axis) if reverse else total
+
+
+@kernel("layer_norm")
+def _layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
+    axes = _axes(axes, x.ndim)
+    mean = x.mean(axis=axes, keepdims=True)
+    variance = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(variance + epsilon)
+    broadcast = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
+    if gamma is not None:
+        y = y * gamma.reshape(broadcast)
+    if beta is not None:
+        y = y + beta.reshape(broadcast)
+    return y
+
+
+# -- linear algebra ------------------------------------------------------------------------------
+
+
+@kernel("linear")
+def _linear(x, weight, bias=None):
+    y = np.matmul(x, weight.T)
+    return y if bias is None else y + bias
+
+
+@kernel("matmul")
+def _matmul(x, y, transpose_x=False, transpose_y=False):
+    if transpose_x:
+        x = np.swapaxes(x, -1, -2)
+    if transpose_y:
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+def _spatial_pads(pad_type: str, pad, spatial, kernel_sizes, strides, dilations) -> list[tuple[int, int]]:
+    """(before, after) per spatial axis for MIL's pad types ('same' puts the extra cell after)."""
+    if pad_type == "valid":
+        return [(0, 0)] * len(spatial)
+    if pad_type == "custom":
+        pad = [int(p) for p in pad]
+        return [(pad[2 * i], pad[2 * i + 1]) for i in range(len(spatial))]
+    if pad_type in ("same", "same_lower"):
+        pads = []
+        for size, k, s, d in zip(spatial, kernel_sizes, strides, dilations):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            pads.append((small, large) if pad_type == "same" else (large, small))
+        return pads
+    raise ValueError(f"unknown pad_type {pad_type!r}")
+
+
+def _windows(x, kernel_sizes, strides, dilations, pads, pad_value):
+    """Sliding windows of an NCHW batch: (N, C, Ho, Wo, kh, kw)."""
+    padded = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=pad_value)
+    span = [(k - 1) * d + 1 for k, d in zip(kernel_sizes, dilations)]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
+    return windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
+
+
+@kernel("conv")
+def _conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
+    if x.ndim != 4:
+        raise ValueError(f"conv evaluates 2-D convolutions only; input rank {x.ndim}")
+    kernel_sizes = weight.shape[2:]
+    strides = [1, 1] if strides is None else [int(s) for s in strides]
+    dilations = [1, 1] if dilations is None else [int(d) for d in dilations]
+    pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel_sizes, strides, dilations)
+    windows = _windows(x, kernel_sizes, strides, dilations, pads, 0.0)  # N, C, Ho, Wo, kh, kw
+    groups = int(groups)
+    cin, cout = x.shape[1] // groups, weight.shape[0] // groups
+    outputs = [
+        np.einsum("nchwij,ocij->nohw", windows[:, g * cin:(g + 1) * cin], weight[g * cout:(g + 1) * cout],
+                  optimize=True)
+        for g in range(groups)
+    ]
+    y = np.concatenate(outputs, axis=1)
+    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+
+
+def _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, pad_value):
+    if bool(ceil_mode):
+        raise ValueError("ceil_mode pooling is not evaluated here")
+    kernel_sizes = [int(k) for k in kernel_sizes]
+    strides = [1, 1] if strides is None else [int(s) for s in strides]
+    pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel_sizes, strides, [1, 1])
+    return _windows(x, kernel_sizes, strides, [1, 1], pads, pad_value), pads
+
+
+@kernel("max_pool")
+def _max_pool(x, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_mode=False):
+    windows, _ = _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, -np.inf)
+    return windows.max(axis=(-2, -1))
+
+
+@kernel("avg_pool")
+def _avg_pool(x, kernel_sizes, strides=None, pad_type="valid", pad=None, exclude_padding_from_average=False,
+              ceil_mode=False):
+    windows, pads = _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, 0.0)
+    total = windows.sum(axis=(-2, -1))
+    if not bool(exclude_padding_from_average):
+        return total / float(np.prod([int(k) for k in kernel_sizes]))
+    ones = np.ones((1, 1, *x.shape[2:]), x.dtype)
+    counts, _ = _pool(ones, kernel_sizes, strides, pad_type, pad, ceil_mode, 0.0)
+    return total / counts.sum(axis=(-2, -1))
+
+
+# -- shapes and data movement ----------------------------------------------------------------------
+
+
+@kernel("transpose")
+def _transpose(x, perm):
+    return np.transpose(x, [int(p) for p in perm])
+
+
+@kernel("reshape")
+def _reshape(x, shape):
+    shape = [int(x.shape[i]) if int(d) == 0 else int(d) for i, d in enumerate(shape)]
+    return np.reshape(x, shape)
+
+
+@kernel("concat")
+def _concat(values, axis, interleave=False):
+    if bool(interleave):
+        raise ValueError("interleaved concat is not evaluated here")
+    return np.concatenate(values, axis=int(axis))
+
+
+@kernel("split")
+def _split(x, num_splits=None, split_sizes=None, axis=0):
+    axis = int(axis)
+    if split_sizes is not None:
+        return tuple(np.split(x, np.cumsum([int(s) for s in split_sizes])[:-1], axis=axis))
+    return tuple(np.split(x, int(num_splits), axis=axis))
+
+
+@kernel("gather")
+def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
+    if int(batch_dims) != 0:
+        raise ValueError("gather with batch_dims is not evaluated here")
+    axis = int(axis)
+    size = x.shape[axis]
+    indices = np.asarray(indices).astype(np.int64)
+    if indices.size and (indices.min() < -size or indices.max() >= size):
+        raise IndexError(f"gather index out of range [{-size}, {size}): min {indices.min()}, max {indices.max()}")
+    return np.take(x, indices, axis=axis)
+
+
+@kernel("shape")
+def _shape(x):
+    return np.array(x.shape, dtype=np.int32)

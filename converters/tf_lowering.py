@@ -1,0 +1,558 @@
+"""Lowering of the compact model to TensorFlow: one `tf.function` per task, for the TFLite converter.
+
+Every compact op has one lowering in `LOWERINGS` and every activation one in
+`ACTIVATION_LOWERINGS`, each registered with a decorator beside it. A lowering
+reproduces the numpy reference (`mann_edge.graph.ops`, `mann_edge.graph.activations`)
+with ops that TFLite has as builtins, so the converter never needs TF Select:
+
+- Weights are dense float32 values; the TFLite converter re-encodes the zeros
+  (``EXPERIMENTAL_SPARSITY``) and stores float16 itself, so the graph stays plain. Small
+  weights are graph constants. Large ones are non-trainable variables, which the
+  converter freezes into constants: the SavedModel keeps them in its checkpoint instead
+  of its graph, which makes saving and converting a large model 3-4 times faster (a
+  variable costs a fixed overhead per signature, so small weights stay constants).
+- Tensors are NHWC as in Keras, and TensorFlow's own 'same' padding is the reference's.
+- Formulas follow the reference term by term where rounding could differ (softplus in
+  its stable form, elu through TFLite's ELU kernel, Keras's sparsemax).
+
+Example:
+    >>> module = build_module(cm, "float32")
+    >>> module.functions["digits"](tf.zeros([1, 64]))["digits"].shape   # inputs in the task's order
+    TensorShape([1, 10])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from mann_edge.errors import ConversionError
+from mann_edge.graph.activations import normalize_activation
+from mann_edge.graph.model import CompactModel, Node, Task
+
+__all__ = [
+    "LOWERINGS",
+    "ACTIVATION_LOWERINGS",
+    "lowering",
+    "activation_lowering",
+    "check_lowerings",
+    "build_module",
+    "LoweringOptions",
+    "lower_activation",
+]
+
+Weight = "np.ndarray | tf.Variable"
+Lowering = Callable[[Node, list, Mapping[str, Weight], "LoweringOptions"], tf.Tensor]
+
+LOWERINGS: dict[str, Lowering] = {}
+ACTIVATION_LOWERINGS: dict[str, Callable[..., tf.Tensor]] = {}
+
+DTYPES = ("float32", "float16")
+# From this many elements on, a weight is a variable rather than a graph constant (see the module docstring).
+_VARIABLE_MIN_ELEMENTS = 1 << 16
+# Inputs per block of TFLite's block-sparse FULLY_CONNECTED weights (float).
+_BLOCK = 4
+# Keras's selu constants.
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def lowering(op_type: str):
+    """Registers the lowering of compact op ``op_type``: ``fn(node, inputs, weights, options) -> tf.Tensor``.
+
+    ``weights`` maps the node's weight roles to dense weights: numpy arrays (traced as
+    constants) or, for large ones, the module's variables; ``options`` is the build's
+    `LoweringOptions`.
+    """
+
+    def register(fn: Lowering) -> Lowering:
+        LOWERINGS[op_type] = fn
+        return fn
+
+    return register
+
+
+def activation_lowering(name: str):
+    """Registers the lowering of activation ``name``: ``fn(x, **params) -> tf.Tensor``."""
+
+    def register(fn):
+        ACTIVATION_LOWERINGS[name] = fn
+        return fn
+
+    return register
+
+
+def check_lowerings(model: CompactModel) -> None:
+    """Raises ConversionError naming the first op or activation of ``model`` that has no lowering.
+
+    Example:
+        >>> check_lowerings(cm)   # silent when every node can be lowered
+    """
+    for node in model.nodes:
+        if node.op not in LOWERINGS:
+            raise ConversionError(
+                f"TFLite export cannot lower op type {node.op!r} (node '{node.name}'). "
+                f"Supported ops: {sorted(LOWERINGS)}"
+            )
+        if "activation" in node.attrs:
+            try:
+                name = normalize_activation(node.attrs["activation"])["name"]
+            except ValueError as error:
+                raise ConversionError(f"TFLite export: node '{node.name}': {error}") from None
+            if name not in ACTIVATION_LOWERINGS:
+                raise ConversionError(
+                    f"TFLite export cannot lower activation {name!r} (node '{node.name}'). "
+                    f"Supported activations: {sorted(ACTIVATION_LOWERINGS)}"
+                )
+
+
+@dataclass(frozen=True)
+class LoweringOptions:
+    """What a build asks of every lowering.
+
+    ``block_align``: give every dense kernel an input size that is a multiple of 4, padding
+    the input and the kernel with zeros where needed. The TFLite converter's 1x4-block
+    sparse encoder (`EXPERIMENTAL_SPARSITY`) reads such a kernel through a view truncated
+    to whole blocks: it can pick the block encoding on a wrong estimate and drop the last
+    inputs' weights, which gives wrong outputs (seen on TF 2.21 with 6 inputs). Aligned
+    kernels are encoded whole.
+    """
+
+    block_align: bool = False
+
+
+def build_module(model: CompactModel, dtype: str = "float32", *, block_align: bool = False) -> tf.Module:
+    """A `tf.Module` whose ``functions[task name]`` runs that task; weights are constants.
+
+    Each function takes the task's inputs (signature names = input names, batch dimension
+    None) and returns ``{output name: tensor}``. Weights are dense: constants, or
+    non-trainable variables (``module.variables_by_key``) from 65,536 elements on.
+    ``dtype="float16"`` rounds their values to float16 (they stay float32, so the
+    converter's float16 encoding is lossless).
+    ``block_align`` pads dense kernels to a multiple of 4 inputs (see `LoweringOptions`);
+    sparse TFLite exports need it.
+
+    Raises:
+        ConversionError: an op or activation without a lowering, or an unknown dtype.
+
+    Example:
+        >>> module = build_module(cm, block_align=True)
+        >>> signatures = {name: fn.get_concrete_function() for name, fn in module.functions.items()}
+        >>> tf.saved_model.save(module, "saved", signatures=signatures)
+    """
+    if dtype not in DTYPES:
+        raise ConversionError(f"TFLite export dtype must be 'float32' or 'float16'. Received: {dtype!r}")
+    check_lowerings(model)
+    options = LoweringOptions(block_align=block_align)
+    weights = {key: _dense_weight(model.dense_weight(key), dtype) for key in model.weights}
+    module = tf.Module()
+    module.variables_by_key = {key: w for key, w in weights.items() if isinstance(w, tf.Variable)}
+    module.functions = {task.name: _task_function(model, task, weights, options) for task in model.tasks}
+    return module
+
+
+def _dense_weight(weight: np.ndarray, dtype: str) -> Weight:
+    if np.issubdtype(weight.dtype, np.floating):
+        weight = weight.astype(dtype).astype(np.float32)
+    return tf.Variable(weight, trainable=False) if weight.size >= _VARIABLE_MIN_ELEMENTS else weight
+
+
+def _task_function(model: CompactModel, task: Task, weights: Mapping[str, Weight], options: LoweringOptions):
+    nodes = model.task_nodes(task.name)
+    signature = [tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name) for spec in task.inputs]
+
+    def run_task(*inputs):
+        values = {spec.name: tensor for spec, tensor in zip(task.inputs, inputs)}
+        for node in nodes:
+            node_weights = {role: weights[key] for role, key in node.weights.items()}
+            node_inputs = [values[name] for name in node.inputs]
+            values[node.name] = LOWERINGS[node.op](node, node_inputs, node_weights, options)
+        # identity: an output that is also an input, or listed twice, still gets its own tensor
+        return {spec.name: tf.identity(values[tensor]) for spec, tensor in zip(task.outputs, task.output_tensors)}
+
+    return tf.function(run_task, input_signature=signature, autograph=False)
+
+
+def lower_activation(x: tf.Tensor, activation) -> tf.Tensor:
+    """``activation`` (a name or ``{"name": ..., **params}``) applied to ``x``."""
+    activation = normalize_activation(activation)
+    params = {key: value for key, value in activation.items() if key != "name"}
+    return ACTIVATION_LOWERINGS[activation["name"]](x, **params)
+
+
+def _activate(x: tf.Tensor, node: Node) -> tf.Tensor:
+    return lower_activation(x, node.attrs.get("activation"))
+
+
+def _static_size(x: tf.Tensor) -> int:
+    """Elements per batch item (every dimension but the batch is known)."""
+    return math.prod(int(d) for d in x.shape[1:])
+
+
+# -- ops: linear algebra -------------------------------------------------------------------------
+
+
+@lowering("dense")
+def _dense(node, inputs, weights, options):
+    (x,) = inputs
+    kernel = weights["kernel"]
+    x = tf.cast(x, tf.float32)
+    # FULLY_CONNECTED (the op TFLite can keep sparse) wants a 2-D input: fold the middle axes into the batch.
+    middle = [int(d) for d in x.shape[1:-1]]
+    if middle:
+        x = tf.reshape(x, [-1, kernel.shape[0]])
+    padding = -kernel.shape[0] % _BLOCK if options.block_align else 0
+    if padding:
+        x = tf.pad(x, [[0, 0], [0, padding]])
+        kernel = tf.pad(kernel, [[0, padding], [0, 0]])  # folded into the constant by the converter
+    y = tf.matmul(x, kernel)
+    if "bias" in weights:
+        y = y + weights["bias"]
+    if middle:
+        y = tf.reshape(y, [-1, *middle, kernel.shape[1]])
+    return _activate(y, node)
+
+
+@lowering("conv2d")
+def _conv2d(node, inputs, weights, options):
+    (x,) = inputs
+    y = tf.nn.conv2d(
+        tf.cast(x, tf.float32),
+        weights["kernel"],
+        strides=list(node.attrs["strides"]),
+        padding=node.attrs["padding"].upper(),
+        dilations=list(node.attrs.get("dilation", (1, 1))),
+    )
+    if "bias" in weights:
+        y = y + weights["bias"]
+    return _activate(y, node)
+
+
+@lowering("embedding")
+def _embedding(node, inputs, weights, options):
+    (ids,) = inputs
+    if ids.dtype.is_floating:
+        ids = tf.cast(ids, tf.int32)
+    return tf.gather(weights["table"], ids)
+
+
+@lowering("scale_shift")
+def _scale_shift(node, inputs, weights, options):
+    (x,) = inputs
+    return x * weights["scale"] + weights["shift"]
+
+
+@lowering("layer_norm")
+def _layer_norm(node, inputs, weights, options):
+    (x,) = inputs
+    axes = list(node.attrs["axes"])
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+    y = (x - mean) / tf.sqrt(variance + np.float32(node.attrs["epsilon"]))
+    broadcast = [1] * x.shape.rank
+    for axis in axes:
+        broadcast[axis] = int(x.shape[axis])
+    if "gamma" in weights:
+        y = y * tf.reshape(weights["gamma"], broadcast)
+    if "beta" in weights:
+        y = y + tf.reshape(weights["beta"], broadcast)
+    return y
+
+
+# -- ops: pooling --------------------------------------------------------------------------------
+
+
+@lowering("max_pool2d")
+def _max_pool2d(node, inputs, weights, options):
+    (x,) = inputs
+    attrs = node.attrs
+    return tf.nn.max_pool2d(x, list(attrs["pool_size"]), list(attrs["strides"]), attrs["padding"].upper())
+
+
+@lowering("avg_pool2d")
+def _avg_pool2d(node, inputs, weights, options):
+    # TensorFlow's (and TFLite's) 'SAME' average leaves the padded cells out of the count, as the reference does.
+    (x,) = inputs
+    attrs = node.attrs
+    return tf.nn.avg_pool2d(x, list(attrs["pool_size"]), list(attrs["strides"]), attrs["padding"].upper())
+
+
+@lowering("global_avg_pool")
+def _global_avg_pool(node, inputs, weights, options):
+    (x,) = inputs
+    return tf.reduce_mean(x, axis=list(node.attrs["axes"]), keepdims=bool(node.attrs.get("keepdims", False)))
+
+
+# -- ops: shape and wiring -----------------------------------------------------------------------
+
+
+@lowering("flatten")
+def _flatten(node, inputs, weights, options):
+    (x,) = inputs
+    return tf.reshape(x, [-1, _static_size(x)])
+
+
+@lowering("reshape")
+def _reshape(node, inputs, weights, options):
+    (x,) = inputs
+    shape = [int(d) for d in node.attrs["shape"]]
+    if -1 in shape:  # resolved here so that only the batch is left for TFLite to infer
+        known = math.prod(d for d in shape if d != -1)
+        shape[shape.index(-1)] = _static_size(x) // known
+    return tf.reshape(x, [-1, *shape])
+
+
+@lowering("add")
+def _add(node, inputs, weights, options):
+    total = inputs[0]
+    for x in inputs[1:]:  # left to right, as the reference sums
+        total = total + x
+    return total
+
+
+@lowering("concat")
+def _concat(node, inputs, weights, options):
+    return tf.concat(inputs, axis=int(node.attrs["axis"]))
+
+
+@lowering("activation")
+def _activation(node, inputs, weights, options):
+    (x,) = inputs
+    return _activate(x, node)
+
+
+@lowering("zeros_like")
+def _zeros_like(node, inputs, weights, options):
+    (x,) = inputs
+    return tf.zeros_like(x, dtype=tf.float32)
+
+
+# -- activations: rectifiers ---------------------------------------------------------------------
+
+
+@activation_lowering("linear")
+def _linear(x):
+    return x
+
+
+@activation_lowering("relu")
+def _relu(x, negative_slope=0.0, max_value=None, threshold=0.0):
+    if negative_slope == 0 and threshold == 0:
+        if max_value is not None and float(max_value) == 6.0:
+            return tf.nn.relu6(x)
+        y = tf.nn.relu(x)
+    else:
+        below = negative_slope * (x - threshold) if negative_slope else tf.zeros_like(x)
+        y = tf.where(x >= threshold, x, below)
+    if max_value is not None:
+        y = tf.minimum(y, np.float32(max_value))
+    return y
+
+
+@activation_lowering("relu6")
+def _relu6(x):
+    return tf.nn.relu6(x)
+
+
+@activation_lowering("leaky_relu")
+def _leaky_relu(x, negative_slope=0.2):
+    return tf.nn.leaky_relu(x, alpha=negative_slope)
+
+
+def _elu(x, alpha=1.0):
+    # TFLite's ELU computes expm1 exactly; a generic alpha scales its negative branch.
+    if alpha == 1.0:
+        return tf.nn.elu(x)
+    return tf.where(x > 0, x, np.float32(alpha) * tf.nn.elu(tf.minimum(x, 0.0)))
+
+
+@activation_lowering("elu")
+def _elu_activation(x, alpha=1.0):
+    return _elu(x, alpha)
+
+
+@activation_lowering("selu")
+def _selu(x):
+    return _SELU_SCALE * _elu(x, _SELU_ALPHA)
+
+
+def _expm1(x):
+    # TFLite has no EXPM1: its ELU kernel gives expm1 exactly where it matters (x <= 0, near 0).
+    return tf.where(x > 0, tf.exp(x) - 1.0, tf.nn.elu(x))
+
+
+@activation_lowering("celu")
+def _celu(x, alpha=1.0):
+    return tf.maximum(x, 0.0) + tf.minimum(0.0, alpha * _expm1(x / alpha))
+
+
+@activation_lowering("gelu")
+def _gelu(x, approximate=False):
+    return tf.nn.gelu(x, approximate=bool(approximate))  # the converter fuses it into TFLite's GELU
+
+
+@activation_lowering("threshold")
+def _threshold(x, threshold=0.0, default_value=0.0):
+    return tf.where(x > threshold, x, tf.fill(tf.shape(x), np.float32(default_value)))
+
+
+# -- activations: sigmoids and smooth ------------------------------------------------------------
+
+
+def _sigmoid(x):
+    return tf.math.sigmoid(x)
+
+
+def _hard_sigmoid(x):
+    return tf.clip_by_value(x / 6.0 + 0.5, 0.0, 1.0)
+
+
+def _softplus(x):
+    # log(1 + exp(x)) in the stable form the reference's logaddexp(0, x) takes: no overflow for large x.
+    return tf.maximum(x, 0.0) + tf.math.log(1.0 + tf.exp(-tf.abs(x)))
+
+
+@activation_lowering("sigmoid")
+def _sigmoid_activation(x):
+    return _sigmoid(x)
+
+
+@activation_lowering("hard_sigmoid")
+def _hard_sigmoid_activation(x):
+    return _hard_sigmoid(x)
+
+
+@activation_lowering("sparse_sigmoid")
+def _sparse_sigmoid(x):
+    return tf.clip_by_value((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+@activation_lowering("log_sigmoid")
+def _log_sigmoid(x):
+    return -_softplus(-x)
+
+
+@activation_lowering("silu")
+def _silu(x):
+    return x * _sigmoid(x)
+
+
+@activation_lowering("swish")
+def _swish(x):
+    return x * _sigmoid(x)
+
+
+@activation_lowering("hard_silu")
+def _hard_silu(x):
+    return x * _hard_sigmoid(x)
+
+
+@activation_lowering("hard_swish")
+def _hard_swish(x):
+    return x * _hard_sigmoid(x)
+
+
+@activation_lowering("mish")
+def _mish(x):
+    return x * tf.tanh(_softplus(x))
+
+
+@activation_lowering("softplus")
+def _softplus_activation(x):
+    return _softplus(x)
+
+
+@activation_lowering("softsign")
+def _softsign(x):
+    return x / (1.0 + tf.abs(x))
+
+
+@activation_lowering("sparse_plus")
+def _sparse_plus(x):
+    middle = tf.square(x + 1.0) / 4.0
+    return tf.where(x <= -1.0, tf.zeros_like(x), tf.where(x >= 1.0, x, middle))
+
+
+@activation_lowering("squareplus")
+def _squareplus(x, b=4.0):
+    return (x + tf.sqrt(x * x + np.float32(b))) / 2.0
+
+
+@activation_lowering("exponential")
+def _exponential(x):
+    return tf.exp(x)
+
+
+# -- activations: tanh family and shrinkage ------------------------------------------------------
+
+
+@activation_lowering("tanh")
+def _tanh(x):
+    return tf.tanh(x)
+
+
+@activation_lowering("hard_tanh")
+def _hard_tanh(x):
+    return tf.clip_by_value(x, -1.0, 1.0)
+
+
+@activation_lowering("tanh_shrink")
+def _tanh_shrink(x):
+    return x - tf.tanh(x)
+
+
+@activation_lowering("hard_shrink")
+def _hard_shrink(x, threshold=0.5):
+    return tf.where(tf.abs(x) > threshold, x, tf.zeros_like(x))
+
+
+@activation_lowering("soft_shrink")
+def _soft_shrink(x, threshold=0.5):
+    return tf.sign(x) * tf.maximum(tf.abs(x) - threshold, 0.0)
+
+
+# -- activations: along an axis ------------------------------------------------------------------
+
+
+@activation_lowering("softmax")
+def _softmax(x, axis=-1):
+    return tf.nn.softmax(x, axis=axis)
+
+
+@activation_lowering("log_softmax")
+def _log_softmax(x, axis=-1):
+    return tf.nn.log_softmax(x, axis=axis)
+
+
+@activation_lowering("glu")
+def _glu(x, axis=-1):
+    a, b = tf.split(x, 2, axis=axis)
+    return a * _sigmoid(b)
+
+
+@activation_lowering("sparsemax")
+def _sparsemax(x, axis=-1):
+    # Sorting and cumulative sums run along the last axis (TOPK_V2, CUMSUM): move ``axis`` there and back.
+    rank = x.shape.rank
+    axis = axis % rank
+    perm = [d for d in range(rank) if d != axis] + [axis]
+    moved = tf.transpose(x, perm) if axis != rank - 1 else x
+    y = _sparsemax_last_axis(moved)
+    return tf.transpose(y, np.argsort(perm).tolist()) if axis != rank - 1 else y
+
+
+def _sparsemax_last_axis(x):
+    # Keras's formula, as the reference: tau sums the cumulative sums over the support.
+    size = int(x.shape[-1])
+    z_sorted = tf.math.top_k(x, k=size, sorted=True).values
+    cumulative = tf.cumsum(z_sorted, axis=-1)
+    r = tf.constant(np.arange(1, size + 1, dtype=np.float32))
+    support = z_sorted - (cumulative - 1.0) / r > 0
+    k = tf.reduce_sum(tf.cast(support, tf.float32), axis=-1, keepdims=True)
+    total = tf.reduce_sum(tf.where(support, cumulative, tf.zeros_like(cumulative)), axis=-1, keepdims=True)
+    tau = (total - 1.0) / k
+    return tf.maximum(x - tau, 0.0)

@@ -1,0 +1,248 @@
+"""TFLite export: one ``.tflite`` file with one signature per task, run by LiteRT.
+
+What stays sparse: with ``sparse=True`` the converter's ``EXPERIMENTAL_SPARSITY`` stores
+every FULLY_CONNECTED and CONV_2D kernel with at least 30 % zeros in TFLite's own
+compressed encoding (a dense row dimension over a CSR column dimension, uint8/uint16
+indices where they fit). Embedding tables, biases and normalisation weights stay dense
+(TFLite has no sparse encoding for them). ``sparse=False`` stores every weight dense:
+the baseline for size ratios and benchmarks.
+
+What runs sparse: only FULLY_CONNECTED weights with 1x4 blocks (four consecutive inputs
+of one output unit, float) reach TFLite's sparse FULLY_CONNECTED kernel. Unstructured
+sparsity (what RSN2 pruning gives) gets a DENSIFY op in front of its consumer: the weight
+is expanded once when the interpreter prepares the model and runs dense. In sparse
+exports a dense kernel whose input size is not a multiple of 4 is padded to one (a PAD
+op on its input), because the converter's block encoder mis-encodes such kernels (see
+`mann_edge.converters.tf_lowering.LoweringOptions`).
+
+Choices, and why:
+- The compact graph is lowered to TensorFlow ops (`mann_edge.converters.tf_lowering`,
+  one lowering per op), saved as a SavedModel with one signature per task and converted
+  with ``from_saved_model(signature_keys=...)``: the one route that gives several
+  signatures in one file. Builtin ops only (no TF Select), so LiteRT alone runs it.
+- Inputs keep the batch dimension dynamic: one file serves batch 1 and 32.
+- ``dtype="float16"``: the converter's float16 weight encoding (``Optimize.DEFAULT`` with
+  ``supported_types=[float16]``). It combines with the sparse encoding: float16 values
+  inside the sparse encoding, DENSIFY then DEQUANTIZE in front of each weight's consumer.
+  Weights are stored float16, everything computes in float32 (LiteRT computes the
+  DEQUANTIZE of a constant once and keeps it; XNNPACK converts the weights at load).
+- The manifest (``mann_edge_manifest``) and the dtype (``mann_edge_dtype``) are model
+  metadata entries, written into the converter's flatbuffer with the schema's object API
+  (file identifier TFL3); `mann_edge.runtime.litert` rebuilds the tasks from them.
+
+Example:
+    >>> from mann_edge.converters import tflite
+    >>> path = tflite.export(cm, "out/model.tflite")
+    >>> tflite.validate(cm, path).raise_for_errors()
+    >>> "FULLY_CONNECTED" in tflite.operators(path)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from mann_edge.bundle import manifest_of
+from mann_edge.converters.tf_lowering import (
+    ACTIVATION_LOWERINGS,
+    DTYPES,
+    LOWERINGS,
+    build_module,
+    check_lowerings,
+)
+from mann_edge.converters.validation import ValidationReport, compare, tolerances
+from mann_edge.errors import ConversionError
+from mann_edge.files import atomic_output
+from mann_edge.graph.model import CompactModel
+from mann_edge.runtime.litert import (
+    FILE_IDENTIFIER,
+    METADATA_DTYPE,
+    METADATA_MANIFEST,
+    LiteRTSession,
+    builtin_operators,
+    captured_stderr,
+    read_metadata,
+)
+
+__all__ = [
+    "FORMAT",
+    "LOWERINGS",
+    "ACTIVATION_LOWERINGS",
+    "export",
+    "validate",
+    "operators",
+    "add_metadata",
+]
+
+FORMAT = "tflite"
+# Longest converter message quoted in an error (MLIR diagnostics run to pages).
+_MAX_MESSAGE = 500
+
+
+def export(
+    model: CompactModel,
+    path: "str | os.PathLike",
+    *,
+    dtype: str = "float32",
+    sparse: bool = True,
+    force: bool = False,
+) -> Path:
+    """Writes ``model`` as one ``.tflite`` file at ``path`` (atomically) and returns ``path``.
+
+    Args:
+        model: the compact model; every task becomes a signature named after it.
+        path: the output file (an existing one is refused unless ``force``).
+        dtype: 'float32', or 'float16' to store the weights as float16.
+        sparse: store sparse weights in TFLite's sparse encoding (False: all dense).
+        force: overwrite an existing ``path``.
+
+    Raises:
+        ConversionError: an op without a lowering, a bad option, or the converter failing.
+        OutputExistsError: ``path`` exists and ``force`` is False.
+
+    Example:
+        >>> export(cm, "model.tflite", dtype="float16")
+        PosixPath('model.tflite')
+    """
+    if dtype not in DTYPES:
+        raise ConversionError(f"TFLite export dtype must be 'float32' or 'float16'. Received: {dtype!r}")
+    check_lowerings(model)
+    path = Path(path)
+    manifest_text = json.dumps(manifest_of(model))
+    with atomic_output(path, force=force) as tmp:
+        flatbuffer = _convert(model, dtype=dtype, sparse=sparse)
+        tmp.write_bytes(add_metadata(flatbuffer, {METADATA_MANIFEST: manifest_text.encode(), METADATA_DTYPE: dtype.encode()}))
+    return path
+
+
+def validate(
+    model: CompactModel,
+    path: "str | os.PathLike",
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    tasks: Sequence[str] | None = None,
+    use_xnnpack: bool = True,
+) -> ValidationReport:
+    """Runs the export at ``path`` through LiteRT on sample inputs (batch 1 and 8) and compares it with ``model``.
+
+    Default tolerances follow the dtype the file was exported with. ``use_xnnpack=False``
+    checks the builtin kernels instead of the XNNPACK delegate.
+
+    Example:
+        >>> report = validate(cm, "model.tflite")
+        >>> report.raise_for_errors().max_abs_error < 1e-5
+        True
+    """
+    session = LiteRTSession(path, use_xnnpack=use_xnnpack)
+    dtype = read_metadata(path).get(METADATA_DTYPE, b"float32").decode("utf-8", errors="replace")
+    default_atol, default_rtol = tolerances(dtype)
+    return compare(
+        model,
+        session.run,
+        format=FORMAT,
+        artifact=str(path),
+        atol=default_atol if atol is None else atol,
+        rtol=default_rtol if rtol is None else rtol,
+        tasks=tasks,
+    )
+
+
+def operators(path: "str | os.PathLike") -> list[str]:
+    """The operators a ``.tflite`` file runs, every subgraph in order (builtins by name, e.g. 'DENSIFY').
+
+    Example:
+        >>> operators("model.tflite")[:2]
+        ['DENSIFY', 'FULLY_CONNECTED']
+    """
+    return builtin_operators(path)
+
+
+def add_metadata(flatbuffer: bytes, entries: Mapping[str, bytes]) -> bytes:
+    """The TFLite flatbuffer with ``entries`` (name -> bytes) appended as model metadata.
+
+    Example:
+        >>> data = add_metadata(converter.convert(), {"mann_edge_manifest": b"{}"})
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(flatbuffer), 0)
+    model.buffers = list(model.buffers or [])
+    model.metadata = list(model.metadata or [])
+    for name, data in entries.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(data, dtype=np.uint8)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name = name
+        entry.buffer = len(model.buffers) - 1
+        model.metadata.append(entry)
+    builder = flatbuffers.Builder(len(flatbuffer) + sum(len(data) for data in entries.values()) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def _convert(model: CompactModel, *, dtype: str, sparse: bool) -> bytes:
+    """The converter's flatbuffer for ``model``: SavedModel in a temporary directory, then TFLiteConverter."""
+    import tensorflow as tf
+
+    module = build_module(model, dtype, block_align=sparse)
+    log: list[str] = []
+    try:
+        with _quiet() as log, tempfile.TemporaryDirectory(prefix="mann_edge_tflite_") as saved:
+            signatures = {name: function.get_concrete_function() for name, function in module.functions.items()}
+            tf.saved_model.save(module, saved, signatures=signatures)
+            converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=model.task_names)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            optimizations = set()
+            if sparse:
+                optimizations.add(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+            if dtype == "float16":
+                optimizations.add(tf.lite.Optimize.DEFAULT)
+                converter.target_spec.supported_types = [tf.float16]
+            converter.optimizations = optimizations
+            return converter.convert()
+    except ConversionError:
+        raise
+    except Exception as error:
+        raise _conversion_failure(model, error, log) from error
+
+
+def _conversion_failure(model: CompactModel, error: Exception, log: list[str]) -> ConversionError:
+    """The ConversionError for a failed conversion: what TFLite lacks if that is the cause, else the first line."""
+    where = f"TFLite conversion of tasks {model.task_names} failed"
+    text = str(error).strip()
+    missing = re.search(r"TF Select ops: (.+)", text)
+    if missing:
+        return ConversionError(
+            f"{where}: TensorFlow ops without a TFLite builtin: {missing.group(1).strip()} "
+            "(emitted by a lowering in mann_edge.converters.tf_lowering)"
+        )
+    lines = text.splitlines() or [line for line in "".join(log).splitlines() if "error" in line.lower()]
+    summary = lines[0] if lines else type(error).__name__
+    return ConversionError(f"{where}: {summary[:_MAX_MESSAGE]}")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[list[str]]:
+    """Keeps TensorFlow's and the converter's logs (Python and native) out of the caller's output."""
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with captured_stderr() as log, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield log
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,363 @@
+"""Core ML export: parity with Keras and the recorded legacy outputs, sparse storage, package layouts, errors.
+
+Core ML predicts only on macOS. Elsewhere every package is checked by evaluating its
+saved ML program in numpy (`mann_edge.converters.mil_eval`): the program and weights are
+read back from the package on disk, so what is checked is what was written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import mann_edge
+import zoo
+from mann_edge.bundle import manifest_of
+from mann_edge.converters import coreml
+from mann_edge.converters.mil_eval import KERNELS, MILEvaluator
+from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError, ValidationError
+from mann_edge.graph.activations import ACTIVATIONS
+from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
+from mann_edge.graph.ops import OPS
+from mann_edge.layers import MultiMaskedDense, SelectorLayer
+from mann_edge.runtime.coreml import METADATA_MANIFEST, METADATA_TASKS, import_coremltools, read_layout
+
+ON_MACOS = sys.platform == "darwin"
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _programs(path: Path):
+    """(package, function name, MIL function) of every task in an export."""
+    layout = read_layout(path)
+    return [
+        (entry.package, entry.function, MILEvaluator(entry.package, function=entry.function).function)
+        for entry in layout.entries.values()
+    ]
+
+
+def _op_types(path: Path) -> set[str]:
+    return {op.op_type for _, _, function in _programs(path) for op in function.operations}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("coreml")
+
+
+@pytest.fixture(scope="module")
+def legacy_exports(legacy_compacts, out):
+    return {name: coreml.export(cm, out / f"legacy_{name}") for name, cm in legacy_compacts.items()}
+
+
+@pytest.fixture(scope="module")
+def zoo_exports(mixed_compact, multiconv_compact, activations_compact, out):
+    compacts = {"mixed": mixed_compact, "multiconv": multiconv_compact, "activations": activations_compact}
+    return {name: coreml.export(cm, out / name) for name, cm in compacts.items()}
+
+
+def build_pruned_mlp(seed: int = 0) -> keras.Model:
+    """Two tasks through 256 -> 512 -> 512 -> 10 MultiMaskedDense, 90 % of each task's weights pruned."""
+    keras.utils.set_random_seed(seed)
+    a, b = keras.Input((256,), name="a"), keras.Input((256,), name="b")
+    h = MultiMaskedDense(512, activation="relu", name="hidden_1")([a, b])
+    h = MultiMaskedDense(512, activation="relu", name="hidden_2")(h)
+    h = MultiMaskedDense(10, activation="softmax", name="classes")(h)
+    model = keras.Model([a, b], [SelectorLayer(0, name="task_a")(h), SelectorLayer(1, name="task_b")(h)])
+    mann_edge.rsn2.mask_model(model, 90, method="magnitude")
+    return model
+
+
+@pytest.fixture(scope="module")
+def pruned(out):
+    """The 90 %-pruned model exported sparse float32, dense float32 and sparse float16, with conversion times."""
+    cm = mann_edge.compact(build_pruned_mlp())
+    exports, seconds = {}, {}
+    for label, options in {
+        "sparse32": {"sparse": True, "dtype": "float32"},
+        "dense32": {"sparse": False, "dtype": "float32"},
+        "sparse16": {"sparse": True, "dtype": "float16"},
+    }.items():
+        start = time.perf_counter()
+        exports[label] = coreml.export(cm, out / f"pruned_{label}", **options)
+        seconds[label] = time.perf_counter() - start
+    return cm, exports, seconds
+
+
+# -- parity --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", zoo.LEGACY_NAMES)
+def test_legacy_fixture_reproduces_the_recorded_outputs_and_accuracies(name, legacy_exports, legacy_compacts):
+    run = coreml.runner(legacy_exports[name])
+    ref = zoo.legacy_reference(name)
+    for index, task in enumerate(legacy_compacts[name].tasks):
+        (got,) = run(task.name, {task.inputs[0].name: ref[f"x{index}"]})
+        np.testing.assert_allclose(got, ref[f"out{index}"], atol=1e-5, rtol=0)
+        assert (got.argmax(1) == ref[f"y{index}"]).mean() == ref[f"acc{index}"]
+
+
+@pytest.mark.parametrize("zoo_name", ["mixed", "multiconv", "activations"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_every_task_matches_keras(zoo_name, batch, zoo_exports, request):
+    keras_model = request.getfixturevalue(f"{zoo_name}_model")
+    compact = request.getfixturevalue(f"{zoo_name}_compact")
+    arrays = zoo.sample_batch(keras_model, batch, seed=batch)
+    by_name = {kt.name: array for kt, array in zip(keras_model.inputs, arrays)}
+    keras_inputs = arrays if len(arrays) > 1 else arrays[0]
+    expected = dict(zip(keras_model.output_names, zoo.keras_outputs(keras_model, keras_inputs)))
+    run = coreml.runner(zoo_exports[zoo_name])
+    for task in compact.tasks:
+        outputs = run(task.name, {spec.name: by_name[spec.name] for spec in task.inputs})
+        for spec, got in zip(task.outputs, outputs):
+            assert got.shape == expected[spec.name].shape
+            np.testing.assert_allclose(got, expected[spec.name], atol=1e-5, rtol=0, err_msg=f"task {task.name}")
+
+
+def test_tensorflow_same_padding_strides_and_dilation_match_keras(out):
+    # Even sizes with strides 2 make TensorFlow pad one cell after and none before.
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8, 8, 2), name="image")
+    h = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="strided")(x)  # 4x4, pads (0, 1)
+    h = keras.layers.AveragePooling2D(3, strides=2, padding="same", name="avg")(h)  # 2x2, pads (0, 1)
+    h = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same", name="dilated")(h)  # 2x2, pads (2, 2)
+    h = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="max")(h)  # 1x1, pads (0, 1)
+    y = keras.layers.Dense(3, name="y")(keras.layers.Flatten()(h))
+    model = keras.Model(x, y)
+    cm = mann_edge.compact(model)
+    run = coreml.runner(coreml.export(cm, out / "padding"))
+    batch = np.random.default_rng(0).normal(size=(5, 8, 8, 2)).astype("float32")
+    (got,) = run(cm.task_names[0], {"image": batch})
+    np.testing.assert_allclose(got, zoo.keras_outputs(model, batch)[0], atol=1e-5, rtol=0)
+
+
+def test_validate_reports_float32_parity(zoo_exports, mixed_compact):
+    report = coreml.validate(mixed_compact, zoo_exports["mixed"]).raise_for_errors()
+    assert report.max_abs_error <= 1e-5
+    assert {check.task for check in report.checks} == set(mixed_compact.task_names)
+
+
+def _parametrized_activations_model() -> CompactModel:
+    """One task per activation with non-default parameters (Keras layers use the defaults by name)."""
+    rng = np.random.default_rng(1)
+    activations = [
+        {"name": "relu", "negative_slope": 0.1, "max_value": 1.5, "threshold": 0.2},
+        {"name": "relu", "max_value": 0.8},
+        {"name": "leaky_relu", "negative_slope": 0.05},
+        {"name": "elu", "alpha": 0.5},
+        {"name": "celu", "alpha": 2.0},
+        {"name": "gelu", "approximate": True},
+        {"name": "hard_shrink", "threshold": 0.3},
+        {"name": "soft_shrink", "threshold": 0.3},
+        {"name": "threshold", "threshold": 0.1, "default_value": -2.0},
+        {"name": "squareplus", "b": 1.0},
+        {"name": "softmax", "axis": 1},
+        {"name": "log_softmax", "axis": 1},
+        {"name": "sparsemax", "axis": 1},
+        {"name": "glu", "axis": 1},
+    ]
+    x = TensorSpec("x", (None, 6))
+    nodes = [Node("dense", "dense", ("x",), {"kernel": "kernel"}, {}, (None, 8))]
+    tasks = []
+    for i, activation in enumerate(activations):
+        width = 4 if activation["name"] == "glu" else 8
+        nodes.append(Node(f"act{i}", "activation", ("dense",), {}, {"activation": activation}, (None, width)))
+        tasks.append(Task(f"{activation['name']}_{i}", (x,), (TensorSpec(f"y{i}", (None, width)),), (f"act{i}",)))
+    return CompactModel([x], nodes, tasks, {"kernel": rng.normal(0, 1, (6, 8)).astype("float32")})
+
+
+def test_activation_parameters_follow_the_reference(out):
+    cm = _parametrized_activations_model()
+    path = coreml.export(cm, out / "activation_parameters")
+    coreml.validate(cm, path).raise_for_errors()
+
+
+def test_float16_export_stays_within_1e_2_and_stores_float16_weights(mixed_compact, out):
+    path = coreml.export(mixed_compact, out / "mixed_fp16", dtype="float16")
+    coreml.validate(mixed_compact, path, atol=0.0, rtol=1e-2).raise_for_errors()  # purely relative
+    from coremltools.converters.mil.mil import types
+
+    weights = [op for _, _, function in _programs(path) for op in function.operations
+               if op.op_type.startswith("constexpr_") or (op.op_type == "const" and op.outputs[0].rank >= 2)]
+    assert weights and {types.builtin_to_string(op.outputs[0].dtype) for op in weights} == {"fp16"}
+
+
+# -- what the packages hold ------------------------------------------------------------------------
+
+
+def test_sparse_export_is_at_most_a_fifth_of_dense(pruned):
+    cm, exports, seconds = pruned
+    sizes = {label: _size(path) for label, path in exports.items()}
+    ratio32 = sizes["sparse32"] / sizes["dense32"]
+    ratio16 = sizes["sparse16"] / sizes["dense32"]
+    print(f"\nCore ML sizes (bytes): {sizes}; sparse fp32/dense {ratio32:.3f}, sparse fp16/dense fp32 {ratio16:.3f}; "
+          f"conversion seconds: { {k: round(v, 2) for k, v in seconds.items()} }")
+    assert ratio32 <= 0.20
+    assert ratio16 <= 0.12
+    for label in ("sparse32", "sparse16"):
+        coreml.validate(cm, exports[label]).raise_for_errors()
+
+
+def test_sparse_weights_are_constexpr_sparse_to_dense_and_dense_baseline_has_none(pruned):
+    _, exports, _ = pruned
+    ct = import_coremltools()
+    for package in Path(exports["sparse32"]).glob("*.mlpackage"):
+        ct.models.MLModel(str(package), skip_model_load=True)  # the package loads in coremltools
+    sparse_ops = [op for _, _, f in _programs(exports["sparse32"]) for op in f.operations
+                  if op.op_type == "constexpr_sparse_to_dense"]
+    assert len(sparse_ops) == 2 * 3  # each task's three kernels (the untrained biases are all zero: dense)
+    mask = sparse_ops[0].inputs["mask"].val
+    assert mask.dtype == np.uint8 and "shape" in sparse_ops[0].inputs  # the iOS16 form: packed bits + shape
+    assert "constexpr_sparse_to_dense" not in _op_types(exports["dense32"])
+
+
+def test_every_op_of_the_packages_has_a_numpy_kernel(zoo_exports, legacy_exports):
+    used = set()
+    for path in [*zoo_exports.values(), *legacy_exports.values()]:
+        used |= _op_types(path)
+    assert used - {"const"} - {t for t in used if t.startswith("constexpr_")} <= set(KERNELS)
+
+
+def test_per_task_packages_carry_the_manifest_and_their_task(zoo_exports, mixed_compact):
+    path = zoo_exports["mixed"]
+    packages = sorted(p.name for p in Path(path).glob("*.mlpackage"))
+    assert packages == sorted(f"{name}.mlpackage" for name in mixed_compact.task_names)
+    ct = import_coremltools()
+    for name in mixed_compact.task_names:
+        metadata = ct.models.MLModel(str(Path(path) / f"{name}.mlpackage"), skip_model_load=True).user_defined_metadata
+        assert json.loads(metadata[METADATA_MANIFEST]) == json.loads(json.dumps(manifest_of(mixed_compact)))
+        assert [entry["task"] for entry in json.loads(metadata[METADATA_TASKS])] == [name]
+    layout = read_layout(path)
+    assert [t.name for t in layout.tasks()] == mixed_compact.task_names
+    assert [t.inputs for t in layout.tasks()] == [t.inputs for t in mixed_compact.tasks]
+
+
+def test_task_names_are_sanitized_for_files_and_kept_in_metadata(out):
+    cm = _parametrized_activations_model()
+    renamed = [Task(f"task/{i} é", t.inputs, t.outputs, t.output_tensors) for i, t in enumerate(cm.tasks[:2])]
+    cm = CompactModel(cm.inputs, cm.nodes, renamed, cm.weights)
+    path = coreml.export(cm, out / "odd_names")
+    assert sorted(p.name for p in path.glob("*.mlpackage")) == ["task_0__.mlpackage", "task_1__.mlpackage"]
+    assert sorted(read_layout(path).entries) == sorted(cm.task_names)
+    coreml.validate(cm, path).raise_for_errors()
+
+
+def test_multifunction_target_writes_one_package_with_a_function_per_task(mixed_compact, out):
+    path = coreml.export(mixed_compact, out / "model.mlpackage", target="macOS15")
+    assert coreml.artifact_name("macOS15") == "model.mlpackage" and coreml.artifact_name("macOS13") == "coreml"
+    ct = import_coremltools()
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    assert [f.name for f in spec.description.functions] == mixed_compact.task_names
+    assert spec.description.defaultFunctionName == mixed_compact.task_names[0]
+    assert json.loads(spec.description.metadata.userDefined[METADATA_MANIFEST])["tasks"][0]["name"] == "vision"
+    programs = _programs(path)
+    assert {package for package, _, _ in programs} == {path}
+    sparse_ops = [op for _, _, f in programs for op in f.operations if op.op_type == "constexpr_sparse_to_dense"]
+    # the iOS18 form: a bit per weight element, shaped like the weight, no separate shape
+    assert sparse_ops and all("shape" not in op.inputs and op.inputs["mask"].shape == op.outputs[0].shape
+                              for op in sparse_ops)
+    coreml.validate(mixed_compact, path).raise_for_errors()
+    assert mann_edge.runtime.detect_format(path) == "coreml"
+
+
+# -- runtime -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(ON_MACOS, reason="Core ML runs on macOS; the refusal is what other systems get")
+def test_runtime_refuses_off_macos_and_points_to_validate(zoo_exports):
+    from mann_edge.runtime.coreml import CoreMLSession
+
+    for opener in (CoreMLSession, mann_edge.runtime.load):
+        with pytest.raises(MannEdgeError, match=r"only on macOS.*mann_edge\.converters\.coreml\.validate"):
+            opener(zoo_exports["multiconv"])
+
+
+@pytest.mark.skipif(not ON_MACOS, reason="Core ML predicts only on macOS")
+def test_runtime_runs_every_task_on_macos(zoo_exports, mixed_compact):
+    session = mann_edge.runtime.load(zoo_exports["mixed"])
+    assert session.task_names == mixed_compact.task_names
+    coreml.validate(mixed_compact, zoo_exports["mixed"]).raise_for_errors()
+
+
+def test_runtime_module_imports_neither_coremltools_nor_tensorflow():
+    code = (
+        "import sys\n"
+        "import mann_edge.runtime.coreml as rc\n"
+        "assert 'coremltools' not in sys.modules and 'tensorflow' not in sys.modules\n"
+        "rc.import_coremltools()\n"
+        "assert 'coremltools' in sys.modules and 'tensorflow' not in sys.modules and 'torch' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_existing_output_is_refused_without_force(multiconv_compact, out):
+    path = out / "existing"
+    path.mkdir()
+    (path / "keep.txt").write_text("user data")
+    with pytest.raises(OutputExistsError):
+        coreml.export(multiconv_compact, path)
+    assert (path / "keep.txt").read_text() == "user data"
+    coreml.export(multiconv_compact, path, force=True)
+    assert sorted(p.name for p in path.iterdir()) == ["digit.mlpackage", "parity.mlpackage"]
+
+
+def test_failure_mid_export_leaves_nothing(multiconv_compact, out, monkeypatch):
+    target = out / "failing"
+    before = sorted(out.iterdir())
+    converted = []
+    real_convert = coreml._convert
+
+    def fail_on_second_task(*args, **kwargs):
+        if converted:
+            raise ConversionError("simulated failure on the second task")
+        converted.append(True)
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(coreml, "_convert", fail_on_second_task)
+    with pytest.raises(ConversionError, match="simulated"):
+        coreml.export(multiconv_compact, target)
+    assert converted and not target.exists()
+    assert sorted(out.iterdir()) == before
+
+
+def test_unsupported_op_is_named_with_the_supported_ones(out):
+    x = TensorSpec("x", (None, 4))
+    node = Node("mystery", "fft", ("x",), {}, {}, (None, 4))
+    cm = CompactModel([x], [node], [Task("t", (x,), (TensorSpec("y", (None, 4)),), ("mystery",))], {})
+    with pytest.raises(ConversionError, match=r"'fft'.*mystery.*Supported ops: \[.*'conv2d'"):
+        coreml.export(cm, out / "unsupported")
+    assert not (out / "unsupported").exists()
+
+
+def test_every_compact_op_and_activation_has_a_lowering():
+    assert set(OPS) <= set(coreml.LOWERINGS)
+    assert set(ACTIVATIONS) <= set(coreml.ACTIVATION_LOWERINGS)
+
+
+def test_bad_options_are_refused(multiconv_compact, out):
+    with pytest.raises(ConversionError, match="macOS13/iOS16 or later"):
+        coreml.export(multiconv_compact, out / "old", target="macOS12")
+    with pytest.raises(ConversionError, match="float32' or 'float16"):
+        coreml.export(multiconv_compact, out / "int8", dtype="int8")
+    with pytest.raises(ConversionError, match="must end in .mlpackage"):
+        coreml.export(multiconv_compact, out / "multi", target="iOS18")
+
+
+def test_evaluator_names_a_mil_op_it_cannot_evaluate(legacy_exports, monkeypatch):
+    monkeypatch.delitem(KERNELS, "softmax")
+    package = next(Path(legacy_exports["mann_mlp"]).glob("*.mlpackage"))
+    with pytest.raises(ValidationError, match=r"MIL op type 'softmax'"):
+        MILEvaluator(package)

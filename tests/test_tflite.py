@@ -1,0 +1,413 @@
+"""TFLite export and LiteRT runtime: parity with Keras and the recorded legacy outputs, sparse storage, errors.
+
+Every file is run by `ai_edge_litert` through `mann_edge.runtime.load`, the way users run it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import mann_edge
+import zoo
+from mann_edge.bundle import manifest_of
+from mann_edge.converters import tflite
+from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError
+from mann_edge.graph.activations import ACTIVATIONS
+from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
+from mann_edge.graph.ops import OPS
+from mann_edge.layers import MultiMaskedDense, SelectorLayer
+from mann_edge.runtime.litert import METADATA_DTYPE, METADATA_MANIFEST, LiteRTSession, read_metadata
+
+
+def _tensor_types(path: Path) -> list[tuple[str, bool]]:
+    """(type name, stored sparse) of every constant tensor (one with data in a buffer) of a TFLite file."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {code: name for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
+    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)
+    result = []
+    for g in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(g)
+        for i in range(subgraph.TensorsLength()):
+            tensor = subgraph.Tensors(i)
+            if model.Buffers(tensor.Buffer()).DataLength() > 0:
+                result.append((names[tensor.Type()], tensor.Sparsity() is not None))
+    return result
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("tflite")
+
+
+@pytest.fixture(scope="module")
+def legacy_exports(legacy_compacts, out):
+    return {name: tflite.export(cm, out / f"legacy_{name}.tflite") for name, cm in legacy_compacts.items()}
+
+
+@pytest.fixture(scope="module")
+def zoo_exports(mixed_compact, multiconv_compact, activations_compact, out):
+    compacts = {"mixed": mixed_compact, "multiconv": multiconv_compact, "activations": activations_compact}
+    exports, seconds = {}, {}
+    for name, cm in compacts.items():
+        start = time.perf_counter()
+        exports[name] = tflite.export(cm, out / f"{name}.tflite")
+        seconds[name] = round(time.perf_counter() - start, 2)
+    print(f"\nTFLite conversion seconds: {seconds}")
+    return exports
+
+
+def build_pruned_mlp(seed: int = 0) -> keras.Model:
+    """Two tasks through 256 -> 512 -> 512 -> 10 MultiMaskedDense, 90 % of each task's weights pruned."""
+    keras.utils.set_random_seed(seed)
+    a, b = keras.Input((256,), name="a"), keras.Input((256,), name="b")
+    h = MultiMaskedDense(512, activation="relu", name="hidden_1")([a, b])
+    h = MultiMaskedDense(512, activation="relu", name="hidden_2")(h)
+    h = MultiMaskedDense(10, activation="softmax", name="classes")(h)
+    model = keras.Model([a, b], [SelectorLayer(0, name="task_a")(h), SelectorLayer(1, name="task_b")(h)])
+    mann_edge.rsn2.mask_model(model, 90, method="magnitude")
+    return model
+
+
+@pytest.fixture(scope="module")
+def pruned(out):
+    """The 90 %-pruned model exported sparse and dense, float32 and float16, with conversion times."""
+    cm = mann_edge.compact(build_pruned_mlp())
+    exports, seconds = {}, {}
+    for label, options in {
+        "sparse32": {"sparse": True, "dtype": "float32"},
+        "dense32": {"sparse": False, "dtype": "float32"},
+        "sparse16": {"sparse": True, "dtype": "float16"},
+        "dense16": {"sparse": False, "dtype": "float16"},
+    }.items():
+        start = time.perf_counter()
+        exports[label] = tflite.export(cm, out / f"pruned_{label}.tflite", **options)
+        seconds[label] = round(time.perf_counter() - start, 2)
+    return cm, exports, seconds
+
+
+# -- parity --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", zoo.LEGACY_NAMES)
+def test_legacy_fixture_reproduces_the_recorded_outputs_and_accuracies(name, legacy_exports, legacy_compacts):
+    session = mann_edge.runtime.load(legacy_exports[name])
+    assert isinstance(session, LiteRTSession)
+    ref = zoo.legacy_reference(name)
+    for index, task in enumerate(legacy_compacts[name].tasks):
+        (got,) = session.run(task.name, ref[f"x{index}"])
+        np.testing.assert_allclose(got, ref[f"out{index}"], atol=1e-5, rtol=0)
+        assert (got.argmax(1) == ref[f"y{index}"]).mean() == ref[f"acc{index}"]
+
+
+@pytest.mark.parametrize("zoo_name", ["mixed", "multiconv", "activations"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_every_task_matches_keras(zoo_name, batch, zoo_exports, request):
+    keras_model = request.getfixturevalue(f"{zoo_name}_model")
+    compact = request.getfixturevalue(f"{zoo_name}_compact")
+    arrays = zoo.sample_batch(keras_model, batch, seed=batch)
+    by_name = {kt.name: array for kt, array in zip(keras_model.inputs, arrays)}
+    keras_inputs = arrays if len(arrays) > 1 else arrays[0]
+    expected = dict(zip(keras_model.output_names, zoo.keras_outputs(keras_model, keras_inputs)))
+    session = mann_edge.runtime.load(zoo_exports[zoo_name])
+    for task in compact.tasks:
+        outputs = session.run(task.name, {spec.name: by_name[spec.name] for spec in task.inputs})
+        for spec, got in zip(task.outputs, outputs):
+            assert got.shape == expected[spec.name].shape
+            np.testing.assert_allclose(got, expected[spec.name], atol=1e-5, rtol=0, err_msg=f"task {task.name}")
+
+
+def test_builtin_kernels_without_xnnpack_match_too(zoo_exports, mixed_compact):
+    report = tflite.validate(mixed_compact, zoo_exports["mixed"], use_xnnpack=False).raise_for_errors()
+    assert report.max_abs_error <= 1e-5
+    assert {check.task for check in report.checks} == set(mixed_compact.task_names)
+
+
+def test_tensorflow_same_padding_strides_and_dilation_match_keras(out):
+    # Even sizes with strides 2 make TensorFlow pad one cell after and none before.
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8, 8, 2), name="image")
+    h = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="strided")(x)  # 4x4, pads (0, 1)
+    h = keras.layers.AveragePooling2D(3, strides=2, padding="same", name="avg")(h)  # 2x2, pads (0, 1)
+    h = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same", name="dilated")(h)  # 2x2, pads (2, 2)
+    h = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="max")(h)  # 1x1, pads (0, 1)
+    y = keras.layers.Dense(3, name="y")(keras.layers.Flatten()(h))
+    model = keras.Model(x, y)
+    cm = mann_edge.compact(model)
+    session = mann_edge.runtime.load(tflite.export(cm, out / "padding.tflite"))
+    batch = np.random.default_rng(0).normal(size=(5, 8, 8, 2)).astype("float32")
+    (got,) = session.run(cm.task_names[0], {"image": batch})
+    np.testing.assert_allclose(got, zoo.keras_outputs(model, batch)[0], atol=1e-5, rtol=0)
+
+
+def _parametrized_activations_model() -> CompactModel:
+    """One task per activation with non-default parameters, on 2-D and (for the axis ones) 3-D tensors."""
+    rng = np.random.default_rng(1)
+    activations = [
+        ({"name": "relu", "negative_slope": 0.1, "max_value": 1.5, "threshold": 0.2}, "flat"),
+        ({"name": "relu", "max_value": 0.8}, "flat"),
+        ({"name": "relu", "max_value": 6.0}, "flat"),
+        ({"name": "relu", "threshold": 0.3}, "flat"),
+        ({"name": "leaky_relu", "negative_slope": 0.05}, "flat"),
+        ({"name": "elu", "alpha": 0.5}, "flat"),
+        ({"name": "celu", "alpha": 2.0}, "flat"),
+        ({"name": "gelu", "approximate": True}, "flat"),
+        ({"name": "hard_shrink", "threshold": 0.3}, "flat"),
+        ({"name": "soft_shrink", "threshold": 0.3}, "flat"),
+        ({"name": "threshold", "threshold": 0.1, "default_value": -2.0}, "flat"),
+        ({"name": "squareplus", "b": 1.0}, "flat"),
+        ({"name": "softmax", "axis": 1}, "flat"),
+        ({"name": "softmax", "axis": 1}, "grid"),
+        ({"name": "log_softmax", "axis": 1}, "grid"),
+        ({"name": "sparsemax", "axis": 1}, "flat"),
+        ({"name": "sparsemax", "axis": 1}, "grid"),
+        ({"name": "glu", "axis": 1}, "grid"),
+    ]
+    x = TensorSpec("x", (None, 6))
+    nodes = [
+        Node("dense", "dense", ("x",), {"kernel": "kernel"}, {}, (None, 8)),
+        Node("grid", "reshape", ("dense",), {}, {"shape": [2, -1]}, (None, 2, 4)),
+    ]
+    tasks = []
+    for i, (activation, source) in enumerate(activations):
+        shape = (None, 8) if source == "flat" else (None, 2, 4)
+        if activation["name"] == "glu":
+            shape = (None, 1, 4)
+        nodes.append(Node(f"act{i}", "activation", ("dense" if source == "flat" else "grid",), {},
+                          {"activation": activation}, shape))
+        tasks.append(Task(f"{activation['name']}_{i}", (x,), (TensorSpec(f"y{i}", shape),), (f"act{i}",)))
+    return CompactModel([x], nodes, tasks, {"kernel": rng.normal(0, 1, (6, 8)).astype("float32")})
+
+
+def test_activation_parameters_and_axes_follow_the_reference(out):
+    cm = _parametrized_activations_model()
+    path = tflite.export(cm, out / "activation_parameters.tflite")
+    tflite.validate(cm, path).raise_for_errors()
+
+
+def test_dense_over_the_last_axis_of_a_sequence(out):
+    rng = np.random.default_rng(2)
+    x = TensorSpec("x", (None, 3, 6))
+    nodes = [Node("proj", "dense", ("x",), {"kernel": "kernel", "bias": "bias"}, {"activation": "tanh"}, (None, 3, 5))]
+    kernel = rng.normal(0, 1, (6, 5)).astype("float32")
+    kernel[rng.random(kernel.shape) < 0.6] = 0.0
+    cm = CompactModel([x], nodes, [Task("seq", (x,), (TensorSpec("y", (None, 3, 5)),), ("proj",))],
+                      {"kernel": kernel, "bias": rng.normal(0, 1, 5).astype("float32")})
+    tflite.validate(cm, tflite.export(cm, out / "sequence.tflite")).raise_for_errors()
+
+
+def test_sparse_kernels_whose_input_size_is_not_a_multiple_of_4_stay_exact(out):
+    # The converter's 1x4-block encoder truncates such kernels to whole blocks and can drop the
+    # last inputs' weights; these weights sit only there, which made it pick that encoding.
+    kernel = np.zeros((6, 8), "float32")
+    kernel[4:] = np.random.default_rng(3).normal(0, 1, (2, 8))
+    x = TensorSpec("x", (None, 6))
+    node = Node("tail", "dense", ("x",), {"kernel": "kernel"}, {}, (None, 8))
+    cm = CompactModel([x], [node], [Task("tail", (x,), (TensorSpec("y", (None, 8)),), ("tail",))], {"kernel": kernel})
+    path = tflite.export(cm, out / "unaligned.tflite")
+    tflite.validate(cm, path).raise_for_errors()
+    tflite.validate(cm, path, use_xnnpack=False).raise_for_errors()
+
+
+def test_1x4_block_sparse_kernels_run_the_sparse_fully_connected_kernel(out):
+    # Four consecutive inputs of an output unit are zero or not together: TFLite keeps the weight
+    # sparse at run time (no DENSIFY); XNNPACK leaves that node to the builtin kernel.
+    rng = np.random.default_rng(4)
+    kernel = rng.normal(0, 1, (16, 8)).astype("float32")
+    kernel[np.repeat(rng.random((4, 8)) < 0.75, 4, axis=0)] = 0.0
+    x = TensorSpec("x", (None, 16))
+    node = Node("blocks", "dense", ("x",), {"kernel": "kernel", "bias": "bias"}, {"activation": "relu"}, (None, 8))
+    cm = CompactModel([x], [node], [Task("blocks", (x,), (TensorSpec("y", (None, 8)),), ("blocks",))],
+                      {"kernel": kernel, "bias": rng.normal(0, 1, 8).astype("float32")})
+    path = tflite.export(cm, out / "blocks.tflite")
+    assert tflite.operators(path) == ["FULLY_CONNECTED"]
+    assert sorted(sparse for _, sparse in _tensor_types(path)) == [False, True]  # kernel sparse, bias dense
+    tflite.validate(cm, path).raise_for_errors()
+    tflite.validate(cm, path, use_xnnpack=False).raise_for_errors()
+
+
+def test_float16_export_stays_within_1e_2_and_stores_float16_weights(mixed_compact, out):
+    path = tflite.export(mixed_compact, out / "mixed_fp16.tflite", dtype="float16")
+    report = tflite.validate(mixed_compact, path, atol=0.0, rtol=1e-2).raise_for_errors()  # purely relative
+    assert report.atol == 0.0
+    float_constants = {kind for kind, _ in _tensor_types(path) if kind.startswith("FLOAT")}
+    assert float_constants == {"FLOAT16"}
+    assert read_metadata(path)[METADATA_DTYPE] == b"float16"
+
+
+# -- what the file holds -------------------------------------------------------------------------
+
+
+def test_signatures_are_the_tasks_with_their_input_and_output_names(zoo_exports, mixed_compact):
+    session = mann_edge.runtime.load(zoo_exports["mixed"])
+    signatures = session.interpreter.get_signature_list()
+    assert sorted(signatures) == sorted(mixed_compact.task_names)
+    for task in mixed_compact.tasks:
+        assert sorted(signatures[task.name]["inputs"]) == sorted(spec.name for spec in task.inputs)
+        assert signatures[task.name]["outputs"] == [spec.name for spec in task.outputs]
+
+
+def test_manifest_is_embedded_and_the_runtime_rebuilds_the_tasks(zoo_exports, mixed_compact):
+    metadata = read_metadata(zoo_exports["mixed"])
+    assert json.loads(metadata[METADATA_MANIFEST]) == json.loads(json.dumps(manifest_of(mixed_compact)))
+    assert metadata[METADATA_DTYPE] == b"float32"
+    session = mann_edge.runtime.load(zoo_exports["mixed"])
+    assert session.tasks == list(mixed_compact.tasks)
+    assert mann_edge.runtime.detect_format(zoo_exports["mixed"]) == "tflite"
+
+
+def test_dynamic_batch_runs_batch_1_then_32_then_1(zoo_exports, multiconv_compact):
+    session = mann_edge.runtime.load(zoo_exports["multiconv"])
+    for batch in (1, 32, 1):
+        for task in multiconv_compact.tasks:
+            inputs = {spec.name: np.ones((batch, 8, 8, 1), "float32") for spec in task.inputs}
+            (got,) = session.run(task.name, inputs)
+            np.testing.assert_allclose(got, multiconv_compact.run(task.name, inputs)[0], atol=1e-5)
+
+
+def test_sparse_export_is_at_most_a_fifth_of_dense(pruned):
+    cm, exports, seconds = pruned
+    sizes = {label: Path(path).stat().st_size for label, path in exports.items()}
+    ratios = {label: round(size / sizes["dense32"], 3) for label, size in sizes.items()}
+    print(f"\nTFLite sizes (bytes): {sizes}; ratio to dense float32: {ratios}; conversion seconds: {seconds}")
+    assert ratios["sparse32"] <= 0.20
+    assert ratios["sparse16"] <= 0.12
+    for label, path in exports.items():
+        tflite.validate(cm, path).raise_for_errors()
+
+
+def test_sparse_weights_are_encoded_sparse_and_densified_for_fully_connected(pruned):
+    _, exports, _ = pruned
+    for label in ("sparse32", "sparse16"):
+        ops = tflite.operators(exports[label])
+        assert ops.count("FULLY_CONNECTED") == 2 * 3
+        assert ops.count("DENSIFY") == 2 * 3  # random (not 1x4-block) sparsity runs dense
+        assert sum(sparse for _, sparse in _tensor_types(exports[label])) == 2 * 3
+    assert {kind for kind, sparse in _tensor_types(exports["sparse16"]) if sparse} == {"FLOAT16"}
+    for label in ("dense32", "dense16"):
+        assert "FULLY_CONNECTED" in tflite.operators(exports[label])
+        assert "DENSIFY" not in tflite.operators(exports[label])
+        assert not any(sparse for _, sparse in _tensor_types(exports[label]))
+
+
+# -- runtime -------------------------------------------------------------------------------------
+
+
+def test_runtime_module_imports_neither_tensorflow_nor_keras(zoo_exports):
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "import mann_edge.runtime\n"
+        "session = mann_edge.runtime.load(sys.argv[1], threads=1)\n"
+        "(y,) = session.run('digit', np.zeros((2, 8, 8, 1), 'float32'))\n"
+        "assert y.shape == (2, 10), y.shape\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras')]\n"
+        "assert not heavy, heavy[:5]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(zoo_exports["multiconv"])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_file_that_is_not_tflite_is_refused_naming_it(out):
+    path = out / "not_a_model.tflite"
+    path.write_bytes(b"PK\x03\x04 this is a zip, not a flatbuffer")
+    with pytest.raises(MannEdgeError, match=r"not_a_model\.tflite is not a TFLite model.*TFL3"):
+        mann_edge.runtime.load(path)
+    short = out / "short.tflite"
+    short.write_bytes(b"TFL")
+    with pytest.raises(MannEdgeError, match=r"short\.tflite is not a TFLite model"):
+        LiteRTSession(short)
+
+
+def test_a_tflite_file_without_the_manifest_is_refused_naming_it(out):
+    import tensorflow as tf
+
+    function = tf.function(lambda x: {"y": x * 2.0}, input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
+    path = out / "foreign.tflite"
+    path.write_bytes(converter.convert())
+    with pytest.raises(MannEdgeError, match=r"foreign\.tflite is a TFLite model without the 'mann_edge_manifest'"):
+        mann_edge.runtime.load(path)
+
+
+def test_out_of_range_ids_give_a_clear_error(zoo_exports):
+    session = mann_edge.runtime.load(zoo_exports["mixed"])
+    tokens = np.full((1, zoo.TOKENS), zoo.VOCAB + 5, "int32")
+    with pytest.raises(MannEdgeError, match=r"task 'text' of .*mixed\.tflite"):
+        session.run("text", tokens)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_existing_output_is_refused_without_force(multiconv_compact, out):
+    path = out / "existing.tflite"
+    path.write_bytes(b"user data")
+    with pytest.raises(OutputExistsError):
+        tflite.export(multiconv_compact, path)
+    assert path.read_bytes() == b"user data"
+    tflite.export(multiconv_compact, path, force=True)
+    assert mann_edge.runtime.load(path).task_names == multiconv_compact.task_names
+
+
+def test_failure_mid_export_leaves_no_file(multiconv_compact, out, monkeypatch):
+    import tensorflow as tf
+
+    target = out / "failing.tflite"
+    before = sorted(out.iterdir())
+
+    class FailingConverter:
+        def __init__(self, *args, **kwargs):
+            self.target_spec = tf.lite.TargetSpec()
+
+        def convert(self):
+            raise RuntimeError("simulated converter crash")
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model", FailingConverter)
+    with pytest.raises(ConversionError, match="simulated converter crash"):
+        tflite.export(multiconv_compact, target)
+    assert not target.exists()
+    assert sorted(out.iterdir()) == before
+
+
+def test_unsupported_op_is_named_with_the_supported_ones(out):
+    x = TensorSpec("x", (None, 4))
+    node = Node("mystery", "fft", ("x",), {}, {}, (None, 4))
+    cm = CompactModel([x], [node], [Task("t", (x,), (TensorSpec("y", (None, 4)),), ("mystery",))], {})
+    with pytest.raises(ConversionError, match=r"'fft'.*mystery.*Supported ops: \[.*'conv2d'"):
+        tflite.export(cm, out / "unsupported.tflite")
+    assert not (out / "unsupported.tflite").exists()
+
+
+def test_a_lowering_that_needs_tf_select_is_named(out, monkeypatch):
+    import tensorflow as tf
+
+    from mann_edge.converters import tf_lowering
+
+    monkeypatch.setitem(tf_lowering.ACTIVATION_LOWERINGS, "gelu", lambda x, approximate=False: tf.math.erf(x))
+    x = TensorSpec("x", (None, 4))
+    node = Node("act", "activation", ("x",), {}, {"activation": "gelu"}, (None, 4))
+    cm = CompactModel([x], [node], [Task("t", (x,), (TensorSpec("y", (None, 4)),), ("act",))], {})
+    with pytest.raises(ConversionError, match=r"tasks \['t'\] failed: TensorFlow ops without a TFLite builtin: Erf"):
+        tflite.export(cm, out / "flex.tflite")
+    assert not (out / "flex.tflite").exists()
+
+
+def test_every_compact_op_and_activation_has_a_lowering():
+    assert set(OPS) <= set(tflite.LOWERINGS)
+    assert set(ACTIVATIONS) <= set(tflite.ACTIVATION_LOWERINGS)
+
+
+def test_bad_dtype_is_refused(multiconv_compact, out):
+    with pytest.raises(ConversionError, match="'float32' or 'float16'. Received: 'int8'"):
+        tflite.export(multiconv_compact, out / "int8.tflite", dtype="int8")
+    assert not (out / "int8.tflite").exists()
