@@ -59,7 +59,7 @@ from mann_edge.bundle import manifest_of
 from mann_edge.converters.validation import ValidationReport, compare, tolerances
 from mann_edge.errors import ConversionError
 from mann_edge.files import atomic_output
-from mann_edge.graph.activations import normalize_activation
+from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE, normalize_activation
 from mann_edge.graph.model import CompactModel, Node
 from mann_edge.graph.ops import same_padding
 from mann_edge.runtime.coreml import (
@@ -81,6 +81,7 @@ __all__ = [
     "export",
     "validate",
     "artifact_name",
+    "task_files",
     "is_multifunction_target",
     "build_program",
     "TaskProgram",
@@ -98,8 +99,6 @@ DEFAULT_MAX_BATCH = 1024
 _SPARSE_SPEC = 7
 _MULTIFUNCTION_SPEC = 9
 # Keras's selu constants.
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
 # A weight blob in weights.bin carries a 64-byte header and is 64-byte aligned: a sparse
 # weight has two blobs (mask, values), so it pays about one more blob than a dense one.
 _BLOB_OVERHEAD = 64
@@ -151,14 +150,19 @@ def is_multifunction_target(target: str) -> bool:
     return int(_target(target)) >= _MULTIFUNCTION_SPEC
 
 
-def artifact_name(target: str = DEFAULT_TARGET) -> str:
-    """The name an export for ``target`` gets inside an output directory.
+def artifact_name(*, target: str = DEFAULT_TARGET, **export_options) -> str:
+    """The name an export with these `export` options gets inside an output directory (only ``target`` matters).
 
     Example:
-        >>> artifact_name("macOS13"), artifact_name("macOS15")
+        >>> artifact_name(target="macOS13"), artifact_name(target="macOS15")
         ('coreml', 'model.mlpackage')
     """
     return "model.mlpackage" if is_multifunction_target(target) else "coreml"
+
+
+def task_files(path: "str | os.PathLike") -> dict[str, Path]:
+    """task -> the package holding only that task (none for a multifunction package)."""
+    return {task: entry.package for task, entry in read_layout(path).entries.items() if entry.function is None}
 
 
 def _float_dtype(dtype: str) -> np.dtype:
@@ -566,7 +570,7 @@ def _elu(b, x, alpha=1.0):
 @activation_lowering("selu")
 def _selu(b, x):
     mb = _mb()
-    return mb.mul(x=mb.elu(x=x, alpha=b.scalar(_SELU_ALPHA)), y=b.scalar(_SELU_SCALE))
+    return mb.mul(x=mb.elu(x=x, alpha=b.scalar(SELU_ALPHA)), y=b.scalar(SELU_SCALE))
 
 
 @activation_lowering("celu")

@@ -207,4 +207,13 @@ def _load_weights(model, group, path: Path) -> None:
                     f"{path}: weight '{layer.name}/{base}' has shape {value.shape} in the file, "
                     f"the layer expects {tuple(variable.shape)}"
                 )
+            _check_values(value, f"{path}: weight '{layer.name}/{base}'", is_mask=base.endswith("_mask"))
             variable.assign(value.astype(variable.dtype))
+
+
+def _check_values(value: np.ndarray, where: str, is_mask: bool) -> None:
+    """HDF5 has no checksums: values no training can produce are the one sign of a damaged file."""
+    if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+        raise LegacyFormatError(f"{where} holds NaN or infinite values (a corrupt file, or a diverged training)")
+    if is_mask and not np.all((value == 0) | (value == 1)):
+        raise LegacyFormatError(f"{where} is a mask but holds values other than 0 and 1 (a corrupt file?)")

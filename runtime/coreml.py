@@ -177,7 +177,10 @@ def read_layout(path: "str | os.PathLike") -> PackageLayout:
     ct = import_coremltools()
     manifest_text, dtype, entries = None, None, {}
     for package in package_paths(path):
-        metadata = ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata
+        try:
+            metadata = ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata
+        except Exception as error:  # coremltools raises protobuf, OS and its own errors alike
+            raise BundleError(f"Core ML package {package} cannot be read ({error}); truncated or corrupt?") from None
         for key in (METADATA_MANIFEST, METADATA_TASKS, METADATA_DTYPE):
             if key not in metadata:
                 raise BundleError(f"Core ML package {package} has no '{key}' metadata; it was not written by mann-edge")

@@ -36,6 +36,12 @@ def _compact(model):
 
 
 @pytest.fixture(scope="session")
+def pruned_compact():
+    """The 90 %-pruned two-task MLP (256 -> 512 -> 512 -> 10): the size-ratio model."""
+    return _compact(zoo.build_pruned_mlp())
+
+
+@pytest.fixture(scope="session")
 def mixed_compact(mixed_model):
     return _compact(mixed_model)
 

@@ -65,22 +65,10 @@ def zoo_exports(mixed_compact, multiconv_compact, activations_compact, out):
     return {name: coreml.export(cm, out / name) for name, cm in compacts.items()}
 
 
-def build_pruned_mlp(seed: int = 0) -> keras.Model:
-    """Two tasks through 256 -> 512 -> 512 -> 10 MultiMaskedDense, 90 % of each task's weights pruned."""
-    keras.utils.set_random_seed(seed)
-    a, b = keras.Input((256,), name="a"), keras.Input((256,), name="b")
-    h = MultiMaskedDense(512, activation="relu", name="hidden_1")([a, b])
-    h = MultiMaskedDense(512, activation="relu", name="hidden_2")(h)
-    h = MultiMaskedDense(10, activation="softmax", name="classes")(h)
-    model = keras.Model([a, b], [SelectorLayer(0, name="task_a")(h), SelectorLayer(1, name="task_b")(h)])
-    mann_edge.rsn2.mask_model(model, 90, method="magnitude")
-    return model
-
-
 @pytest.fixture(scope="module")
-def pruned(out):
+def pruned(out, pruned_compact):
     """The 90 %-pruned model exported sparse float32, dense float32 and sparse float16, with conversion times."""
-    cm = mann_edge.compact(build_pruned_mlp())
+    cm = pruned_compact
     exports, seconds = {}, {}
     for label, options in {
         "sparse32": {"sparse": True, "dtype": "float32"},
@@ -253,7 +241,7 @@ def test_task_names_are_sanitized_for_files_and_kept_in_metadata(out):
 
 def test_multifunction_target_writes_one_package_with_a_function_per_task(mixed_compact, out):
     path = coreml.export(mixed_compact, out / "model.mlpackage", target="macOS15")
-    assert coreml.artifact_name("macOS15") == "model.mlpackage" and coreml.artifact_name("macOS13") == "coreml"
+    assert coreml.artifact_name(target="macOS15") == "model.mlpackage" and coreml.artifact_name(target="macOS13") == "coreml"
     ct = import_coremltools()
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     assert [f.name for f in spec.description.functions] == mixed_compact.task_names

@@ -121,6 +121,18 @@ def build_activations(seed: int = 0) -> keras.Model:
     return model
 
 
+def build_pruned_mlp(seed: int = 0) -> keras.Model:
+    """Two tasks through 256 -> 512 -> 512 -> 10 MultiMaskedDense, 90 % of each task's weights pruned."""
+    keras.utils.set_random_seed(seed)
+    a, b = keras.Input((256,), name="a"), keras.Input((256,), name="b")
+    h = MultiMaskedDense(512, activation="relu", name="hidden_1")([a, b])
+    h = MultiMaskedDense(512, activation="relu", name="hidden_2")(h)
+    h = MultiMaskedDense(10, activation="softmax", name="classes")(h)
+    model = keras.Model([a, b], [SelectorLayer(0, name="task_a")(h), SelectorLayer(1, name="task_b")(h)])
+    mask_model(model, 90, method="magnitude")
+    return model
+
+
 def sample_batch(model: keras.Model, batch: int, seed: int = 0) -> list[np.ndarray]:
     """Random inputs for every model input: normal floats, token ids in [0, VOCAB)."""
     rng = np.random.default_rng(seed)

@@ -12,10 +12,10 @@ from typing import Callable, Mapping
 import numpy as np
 from scipy import special
 
-__all__ = ["ACTIVATIONS", "DEFAULTS", "apply_activation", "normalize_activation"]
+__all__ = ["ACTIVATIONS", "DEFAULTS", "SELU_ALPHA", "SELU_SCALE", "apply_activation", "normalize_activation"]
 
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
 
 
 def _softplus(x):
@@ -83,7 +83,7 @@ ACTIVATIONS: dict[str, Callable] = {
     "relu6": lambda x: np.clip(x, 0.0, 6.0).astype(x.dtype),
     "leaky_relu": lambda x, negative_slope=0.2: np.where(x >= 0, x, negative_slope * x).astype(x.dtype),
     "elu": _elu,
-    "selu": lambda x: (_SELU_SCALE * _elu(x, _SELU_ALPHA)).astype(x.dtype),
+    "selu": lambda x: (SELU_SCALE * _elu(x, SELU_ALPHA)).astype(x.dtype),
     "celu": lambda x, alpha=1.0: (np.maximum(x, 0) + np.minimum(0, alpha * np.expm1(x / alpha))).astype(x.dtype),
     "gelu": _gelu,
     "sigmoid": _sigmoid,

@@ -1,0 +1,362 @@
+"""Compaction, the `.mann` bundle and the bundle runtime: parity with Keras, CSR storage, checks, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import mann_edge
+import zoo
+from mann_edge.bundle import FORMAT_VERSION, MANIFEST, WEIGHTS
+from mann_edge.compaction import MaskOverlapWarning, mask_overlaps
+from mann_edge.errors import BundleError, CompactionError, InputError, OutputExistsError, TaskError
+from mann_edge.layers import MultiMaskedDense, SelectorLayer
+from mann_edge.runtime.bundle import BundleSession
+from mann_edge.sparse import CSRWeight
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, mixed_compact, multiconv_compact, activations_compact, legacy_compacts):
+    """Every test model saved as a `.mann` and opened again through the runtime."""
+    out = tmp_path_factory.mktemp("bundles")
+    compacts = {"mixed": mixed_compact, "multiconv": multiconv_compact, "activations": activations_compact,
+                **{f"legacy_{name}": cm for name, cm in legacy_compacts.items()}}
+    return {name: cm.save(out / f"{name}.mann") for name, cm in compacts.items()}
+
+
+# -- parity --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", zoo.LEGACY_NAMES)
+def test_legacy_fixture_reproduces_the_recorded_outputs_and_accuracies(name, bundles, legacy_compacts):
+    session = mann_edge.runtime.load(bundles[f"legacy_{name}"])
+    assert isinstance(session, BundleSession)
+    ref = zoo.legacy_reference(name)
+    for index, task in enumerate(legacy_compacts[name].tasks):
+        (got,) = session.run(task.name, ref[f"x{index}"])
+        np.testing.assert_allclose(got, ref[f"out{index}"], atol=1e-5, rtol=0)
+        assert (got.argmax(1) == ref[f"y{index}"]).mean() == ref[f"acc{index}"]
+
+
+@pytest.mark.parametrize("name", zoo.LEGACY_NAMES)
+@pytest.mark.parametrize("batch", [1, 32])
+def test_legacy_models_match_keras_at_batch_1_and_32(name, batch, bundles, legacy_models):
+    model, _ = legacy_models[name]
+    arrays = zoo.sample_batch(model, batch, seed=batch)
+    expected = zoo.keras_outputs(model, arrays)
+    session = mann_edge.runtime.load(bundles[f"legacy_{name}"])
+    for index, task in enumerate(session.tasks):
+        (got,) = session.run(task.name, arrays[index])
+        np.testing.assert_allclose(got, expected[index], atol=1e-5, rtol=0, err_msg=f"{name} {task.name}")
+
+
+@pytest.mark.parametrize("zoo_name", ["mixed", "multiconv", "activations"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_every_task_matches_keras(zoo_name, batch, bundles, request):
+    keras_model = request.getfixturevalue(f"{zoo_name}_model")
+    arrays = zoo.sample_batch(keras_model, batch, seed=batch)
+    by_name = {kt.name: array for kt, array in zip(keras_model.inputs, arrays)}
+    expected = dict(zip(keras_model.output_names, zoo.keras_outputs(keras_model, arrays if len(arrays) > 1 else arrays[0])))
+    session = mann_edge.runtime.load(bundles[zoo_name])
+    for task in session.tasks:
+        outputs = session.run(task.name, {spec.name: by_name[spec.name] for spec in task.inputs})
+        for spec, got in zip(task.outputs, outputs):
+            assert got.shape == expected[spec.name].shape
+            np.testing.assert_allclose(got, expected[spec.name], atol=1e-5, rtol=0, err_msg=f"task {task.name}")
+
+
+def test_a_task_reads_only_the_inputs_it_needs(mixed_compact):
+    specs = {task.name: [spec.name for spec in task.inputs] for task in mixed_compact.tasks}
+    assert specs == {"vision": ["image"], "text": ["tokens"], "both": ["image", "tokens"]}
+
+
+def test_running_a_task_runs_only_its_own_ops(bundles, mixed_compact):
+    session = mann_edge.runtime.load(bundles["mixed"])
+    session.run("vision", zoo.sample_batch(zoo.build_mixed(), 2)[0])
+    ran = {name for name, _, _ in session._executors["vision"].steps}
+    assert ran == {node.name for node in mixed_compact.task_nodes("vision")}
+    assert not any(name.startswith(("embedding", "text_dense")) for name in ran)
+    assert set(session._executors) == {"vision"}
+
+
+# -- what compaction builds ----------------------------------------------------------------------
+
+
+def test_multitask_layers_split_into_one_csr_op_per_task_with_small_indices(pruned_compact):
+    dense_nodes = [node for node in pruned_compact.nodes if node.op == "dense"]
+    assert len(dense_nodes) == 2 * 3
+    for node in dense_nodes:
+        kernel = pruned_compact.weights[node.weights["kernel"]]
+        assert isinstance(kernel, CSRWeight)
+        rows, columns = kernel.matrix_shape
+        # the smallest unsigned type that holds a column index (256 inputs: uint8) and the nonzero count
+        assert kernel.indices.dtype == (np.uint8 if columns <= 256 else np.uint16)
+        assert kernel.indptr.dtype == (np.uint16 if kernel.nnz < 2**16 else np.uint32)
+        assert kernel.nnz <= 0.1 * np.prod(kernel.shape) + kernel.shape[-1]
+
+
+def test_a_weight_stays_dense_where_csr_would_be_larger():
+    from mann_edge.sparse import encode_weight, weight_nbytes
+
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(300, 40)).astype(np.float32)
+    mostly_zero = full * (rng.random(full.shape) < 0.1)
+    assert isinstance(encode_weight(full), np.ndarray)
+    encoded = encode_weight(mostly_zero)
+    assert isinstance(encoded, CSRWeight) and weight_nbytes(encoded) < mostly_zero.nbytes
+    np.testing.assert_array_equal(encoded.to_dense(), mostly_zero)
+
+
+def test_task_stats_count_nonzeros_and_bytes(pruned_compact):
+    stats = {row["task"]: row for row in pruned_compact.task_stats()}
+    assert set(stats) == {"task_a", "task_b"}
+    for row in stats.values():
+        assert row["params"] == 256 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+        assert 0.09 <= row["density"] <= 0.11
+        assert row["bytes"] < 0.2 * row["dense_bytes"]
+
+
+def test_tasks_are_named_by_caller_then_output_names_then_index():
+    x = keras.Input((4,), name="x")
+    h = MultiMaskedDense(3, name="m")([x, x])
+    model = keras.Model(x, [SelectorLayer(0, name="first")(h), SelectorLayer(1, name="second")(h)])
+    mann_edge.rsn2.mask_model(model, 50, method="magnitude")
+    assert mann_edge.compact(model).task_names == ["first", "second"]
+    assert mann_edge.compact(model, task_names=["a", "b"]).task_names == ["a", "b"]
+    with pytest.raises(CompactionError, match="2"):
+        mann_edge.compact(model, task_names=["only_one"])
+
+
+def test_overlapping_masks_warn_and_strict_refuses(legacy_models):
+    model, _ = legacy_models["mann_conv"]
+    rows = [row for row in mask_overlaps(model) if row["overlapping"]]
+    assert rows, "the legacy conv fixture's bias masks overlap (the original's bug)"
+    with pytest.warns(MaskOverlapWarning, match=rows[0]["layer"]):
+        mann_edge.compact(model)
+    with pytest.raises(CompactionError, match="not disjoint"):
+        mann_edge.compact(model, strict=True)
+
+
+def test_disjoint_masks_compact_without_warning(pruned_compact):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MaskOverlapWarning)
+        mann_edge.compact(zoo.build_pruned_mlp())
+
+
+def test_a_layer_it_cannot_compact_is_named_with_its_class():
+    x = keras.Input((4, 3), name="x")
+    y = keras.layers.LSTM(2, name="recurrent")(x)
+    with pytest.raises(CompactionError, match=r"recurrent.*LSTM"):
+        mann_edge.compact(keras.Model(x, y))
+
+
+def test_nan_weights_are_refused_naming_the_layer():
+    x = keras.Input((4,), name="x")
+    layer = keras.layers.Dense(2, name="broken")
+    model = keras.Model(x, layer(x))
+    kernel = layer.get_weights()[0]
+    kernel[0, 0] = np.nan
+    layer.set_weights([kernel, layer.get_weights()[1]])
+    with pytest.raises(CompactionError, match="broken"):
+        mann_edge.compact(model)
+
+
+# -- the bundle ----------------------------------------------------------------------------------
+
+
+def test_bundle_round_trip_is_bit_identical(bundles, mixed_compact):
+    loaded = mann_edge.load_compact(bundles["mixed"])
+    assert loaded.task_names == mixed_compact.task_names
+    assert [n.to_json() for n in loaded.nodes] == [n.to_json() for n in mixed_compact.nodes]
+    assert set(loaded.weights) == set(mixed_compact.weights)
+    for key, weight in mixed_compact.weights.items():
+        other = loaded.weights[key]
+        assert type(other) is type(weight)
+        if isinstance(weight, CSRWeight):
+            for part in ("indptr", "indices", "data"):
+                a, b = getattr(weight, part), getattr(other, part)
+                assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+            assert (weight.shape, weight.layout) == (other.shape, other.layout)
+        else:
+            assert weight.dtype == other.dtype and weight.tobytes() == other.tobytes()
+
+
+def test_bundle_records_format_version_and_provenance(bundles):
+    with zipfile.ZipFile(bundles["legacy_mann_mlp"]) as archive:
+        manifest = json.loads(archive.read(MANIFEST))
+    assert manifest["format_version"] == FORMAT_VERSION
+    provenance = mann_edge.load_compact(bundles["legacy_mann_mlp"]).provenance
+    assert provenance["mann_edge_version"] == mann_edge.__version__
+    assert provenance["created"]
+
+
+def test_bundle_from_a_file_records_the_source_hash(tmp_path):
+    from mann_edge.files import sha256_file
+    from mann_edge.sources import load_source
+
+    source = zoo.LEGACY / "mann_mlp.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MaskOverlapWarning)
+        cm = load_source(source)
+    assert cm.provenance["source_sha256"] == sha256_file(source)
+    assert cm.provenance["source"] == "mann_mlp.h5"
+
+
+def test_existing_bundle_is_not_overwritten_without_force(bundles, mixed_compact):
+    path = bundles["mixed"]
+    before = open(path, "rb").read()
+    with pytest.raises(OutputExistsError, match="force"):
+        mixed_compact.save(path)
+    assert open(path, "rb").read() == before
+    mixed_compact.save(path, force=True)
+
+
+def _rewrite_zip(source, target, edit):
+    with zipfile.ZipFile(source) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, data in edit(entries).items():
+            archive.writestr(name, data)
+
+
+def test_truncated_bundle_is_refused_naming_the_file(bundles, tmp_path):
+    data = open(bundles["multiconv"], "rb").read()
+    for cut in (0, 10, len(data) // 2, len(data) - 10):
+        path = tmp_path / f"cut_{cut}.mann"
+        path.write_bytes(data[:cut])
+        with pytest.raises(BundleError, match=str(path.name)):
+            mann_edge.load_compact(path)
+
+
+def test_tampered_weights_are_refused_by_their_hash(bundles, tmp_path):
+    def flip(entries):
+        weights = bytearray(entries[WEIGHTS])
+        weights[-1] ^= 0xFF
+        return {**entries, WEIGHTS: bytes(weights)}
+
+    path = tmp_path / "tampered.mann"
+    _rewrite_zip(bundles["multiconv"], path, flip)
+    with pytest.raises(BundleError, match="hash|sha256"):
+        mann_edge.load_compact(path)
+
+
+def test_a_newer_format_version_is_explained(bundles, tmp_path):
+    def newer(entries):
+        manifest = json.loads(entries[MANIFEST])
+        manifest["format_version"] = FORMAT_VERSION + 1
+        return {**entries, MANIFEST: json.dumps(manifest)}
+
+    path = tmp_path / "newer.mann"
+    _rewrite_zip(bundles["multiconv"], path, newer)
+    with pytest.raises(BundleError, match=r"newer|upgrade"):
+        mann_edge.load_compact(path)
+
+
+# -- the runtime ---------------------------------------------------------------------------------
+
+
+def test_runtime_imports_neither_tensorflow_nor_keras(bundles):
+    code = (
+        "import sys, numpy as np, mann_edge.runtime as rt\n"
+        f"s = rt.load({str(bundles['legacy_mann_mlp'])!r})\n"
+        "s.run(s.tasks[0].name, np.zeros((1, s.tasks[0].inputs[0].shape[1]), np.float32))\n"
+        "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tasks_expose_names_and_specs(bundles):
+    session = mann_edge.runtime.load(bundles["mixed"])
+    assert session.task_names == ["vision", "text", "both"]
+    vision = session.task("vision")
+    assert [(s.name, s.shape, s.dtype) for s in vision.inputs] == [("image", (None, 8, 8, 1), "float32")]
+    assert [(s.name, s.shape) for s in vision.outputs] == [("vision", (None, 10))]
+
+
+def test_unknown_task_names_the_tasks_there_are(bundles):
+    session = mann_edge.runtime.load(bundles["mixed"])
+    with pytest.raises(TaskError, match=r"'nope'.*vision.*text.*both"):
+        session.run("nope", np.zeros((1, 8, 8, 1)))
+
+
+def test_input_checks_name_the_task_and_the_spec(bundles):
+    session = mann_edge.runtime.load(bundles["mixed"])
+    image = np.zeros((2, 8, 8, 1), np.float32)
+    tokens = np.zeros((2, zoo.TOKENS), np.int32)
+    with pytest.raises(InputError, match=r"'both'.*2 input"):
+        session.run("both", [image])
+    with pytest.raises(InputError, match=r"'vision'.*image.*\(2, 8, 8, 3\)"):
+        session.run("vision", np.zeros((2, 8, 8, 3)))
+    with pytest.raises(InputError, match=r"add a batch axis"):
+        session.run("vision", np.zeros((8, 8, 1)))
+    with pytest.raises(InputError, match=r"'text'.*integer ids"):
+        session.run("text", tokens.astype(np.float32))
+    with pytest.raises(InputError, match=r"takes inputs \['image', 'tokens'\]"):
+        session.run("both", {"image": image, "words": tokens})
+
+
+def test_float64_inputs_are_cast_and_give_the_float32_result(bundles):
+    session = mann_edge.runtime.load(bundles["legacy_mann_mlp"])
+    task = session.tasks[0]
+    x = np.random.default_rng(0).normal(size=(3, task.inputs[0].shape[1]))
+    (from64,) = session.run(task.name, x)
+    (from32,) = session.run(task.name, x.astype(np.float32))
+    assert from64.dtype == np.float32
+    np.testing.assert_array_equal(from64, from32)
+
+
+def test_dict_list_and_single_array_inputs_agree(bundles):
+    session = mann_edge.runtime.load(bundles["mixed"])
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
+    tokens = rng.integers(0, zoo.VOCAB, (2, zoo.TOKENS)).astype(np.int32)
+    (by_list,) = session.run("both", [image, tokens])
+    (by_dict,) = session.run("both", {"tokens": tokens, "image": image})
+    np.testing.assert_array_equal(by_list, by_dict)
+    (single,) = session.run("vision", image)
+    (single_list,) = session.run("vision", [image])
+    np.testing.assert_array_equal(single, single_list)
+
+
+def test_missing_path_and_unknown_kind_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.mann"):
+        mann_edge.runtime.load(tmp_path / "nothing.mann")
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"\0" * 16)
+    with pytest.raises(mann_edge.errors.MannEdgeError, match="weights.bin"):
+        mann_edge.runtime.load(other)
+
+
+# -- inspect -------------------------------------------------------------------------------------
+
+
+def test_inspect_reports_tasks_layers_and_bytes(bundles):
+    report = mann_edge.inspect(bundles["legacy_mann_mlp"])
+    assert [t["task"] for t in report["tasks"]] == ["task0", "task1"]
+    assert report["total"]["bytes"] < report["total"]["dense_bytes"]
+    assert all({"node", "op", "params", "nonzeros", "density"} <= set(row) for row in report["layers"])
+
+
+@pytest.mark.parametrize("kind", [".keras", ".h5", ".mann"])
+def test_inspect_command_reads_every_source_kind(kind, bundles, tmp_path, mixed_model):
+    from mann_edge.cli import main
+
+    path = {".h5": zoo.LEGACY / "mann_mlp.h5", ".mann": bundles["mixed"]}.get(kind)
+    if path is None:
+        path = tmp_path / "mixed.keras"
+        mixed_model.save(path)
+    result = subprocess.run([sys.executable, "-m", "mann_edge.cli", "inspect", str(path), "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["tasks"] and all(t["nonzeros"] <= t["params"] for t in report["tasks"])
+    assert main(["inspect", str(path)]) == 0

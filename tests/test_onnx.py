@@ -1,0 +1,486 @@
+"""ONNX export and onnxruntime backend: parity with Keras and the recorded legacy outputs, the bitmask
+weight encoding, the files' metadata, errors.
+
+Every export is run by onnxruntime through `mann_edge.runtime.load`, the way users run it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import mann_edge
+import zoo
+from mann_edge.bundle import manifest_of
+from mann_edge.converters import onnx as onnx_export
+from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError
+from mann_edge.graph.activations import ACTIVATIONS
+from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
+from mann_edge.graph.ops import OPS
+from mann_edge.runtime.onnx import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASK, OnnxSession, read_metadata
+
+# What expands an encoded weight; none of it may be left once onnxruntime has folded the constants.
+EXPANSION_OPS = {"Cast", "Div", "Mod", "CumSum", "Concat", "Slice"}
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(Path(path).glob("*.onnx"))
+
+
+def _size(path: Path) -> int:
+    return sum(file.stat().st_size for file in _files(path))
+
+
+def _initializers(file: Path) -> dict[str, np.ndarray]:
+    return {init.name: onnx.numpy_helper.to_array(init) for init in onnx.load(str(file)).graph.initializer}
+
+
+def _optimized_graph(file: Path, tmp: Path) -> onnx.GraphProto:
+    """The graph onnxruntime runs for ``file`` after its basic optimizations (constant folding among them)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp / f"optimized_{file.name}")
+    ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module")
+def legacy_exports(legacy_compacts, out):
+    return {name: onnx_export.export(cm, out / f"legacy_{name}") for name, cm in legacy_compacts.items()}
+
+
+@pytest.fixture(scope="module")
+def zoo_exports(mixed_compact, multiconv_compact, activations_compact, out):
+    compacts = {"mixed": mixed_compact, "multiconv": multiconv_compact, "activations": activations_compact}
+    exports, seconds = {}, {}
+    for name, cm in compacts.items():
+        start = time.perf_counter()
+        exports[name] = onnx_export.export(cm, out / name)
+        seconds[name] = round(time.perf_counter() - start, 3)
+    print(f"\nONNX export seconds: {seconds}")
+    return exports
+
+
+@pytest.fixture(scope="module")
+def pruned(out, pruned_compact):
+    """The 90 %-pruned model exported sparse and dense, float32 and float16, with export times."""
+    cm = pruned_compact
+    exports, seconds = {}, {}
+    for label, options in {
+        "sparse32": {"sparse": True, "dtype": "float32"},
+        "dense32": {"sparse": False, "dtype": "float32"},
+        "sparse16": {"sparse": True, "dtype": "float16"},
+        "dense16": {"sparse": False, "dtype": "float16"},
+    }.items():
+        start = time.perf_counter()
+        exports[label] = onnx_export.export(cm, out / f"pruned_{label}", **options)
+        seconds[label] = round(time.perf_counter() - start, 3)
+    return cm, exports, seconds
+
+
+# -- parity --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", zoo.LEGACY_NAMES)
+def test_legacy_fixture_reproduces_the_recorded_outputs_and_accuracies(name, legacy_exports, legacy_compacts):
+    session = mann_edge.runtime.load(legacy_exports[name])
+    assert isinstance(session, OnnxSession)
+    ref = zoo.legacy_reference(name)
+    for index, task in enumerate(legacy_compacts[name].tasks):
+        (got,) = session.run(task.name, ref[f"x{index}"])
+        np.testing.assert_allclose(got, ref[f"out{index}"], atol=1e-5, rtol=0)
+        assert (got.argmax(1) == ref[f"y{index}"]).mean() == ref[f"acc{index}"]
+
+
+@pytest.mark.parametrize("zoo_name", ["mixed", "multiconv", "activations"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_every_task_matches_keras(zoo_name, batch, zoo_exports, request):
+    keras_model = request.getfixturevalue(f"{zoo_name}_model")
+    compact = request.getfixturevalue(f"{zoo_name}_compact")
+    arrays = zoo.sample_batch(keras_model, batch, seed=batch)
+    by_name = {kt.name: array for kt, array in zip(keras_model.inputs, arrays)}
+    keras_inputs = arrays if len(arrays) > 1 else arrays[0]
+    expected = dict(zip(keras_model.output_names, zoo.keras_outputs(keras_model, keras_inputs)))
+    session = mann_edge.runtime.load(zoo_exports[zoo_name], threads=1)
+    for task in compact.tasks:
+        outputs = session.run(task.name, {spec.name: by_name[spec.name] for spec in task.inputs})
+        for spec, got in zip(task.outputs, outputs):
+            assert got.shape == expected[spec.name].shape
+            np.testing.assert_allclose(got, expected[spec.name], atol=1e-5, rtol=0, err_msg=f"task {task.name}")
+
+
+def test_tensorflow_same_padding_strides_and_dilation_match_keras(out):
+    # Even sizes with strides 2 make TensorFlow pad one cell after and none before.
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8, 8, 2), name="image")
+    h = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="strided")(x)  # 4x4, pads (0, 1)
+    h = keras.layers.AveragePooling2D(3, strides=2, padding="same", name="avg")(h)  # 2x2, pads (0, 1)
+    h = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same", name="dilated")(h)  # 2x2, pads (2, 2)
+    h = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="max")(h)  # 1x1, pads (0, 1)
+    y = keras.layers.Dense(3, name="y")(keras.layers.Flatten()(h))
+    model = keras.Model(x, y)
+    cm = mann_edge.compact(model)
+    session = mann_edge.runtime.load(onnx_export.export(cm, out / "padding"))
+    batch = np.random.default_rng(0).normal(size=(5, 8, 8, 2)).astype("float32")
+    (got,) = session.run(cm.task_names[0], {"image": batch})
+    np.testing.assert_allclose(got, zoo.keras_outputs(model, batch)[0], atol=1e-5, rtol=0)
+
+
+def _parametrized_activations_model() -> CompactModel:
+    """One task per activation with non-default parameters, on 2-D and (for the axis ones) 3-D tensors."""
+    rng = np.random.default_rng(1)
+    activations = [
+        ({"name": "relu", "negative_slope": 0.1, "max_value": 1.5, "threshold": 0.2}, "flat"),
+        ({"name": "relu", "max_value": 0.8}, "flat"),
+        ({"name": "relu", "threshold": 0.3}, "flat"),
+        ({"name": "leaky_relu", "negative_slope": 0.05}, "flat"),
+        ({"name": "elu", "alpha": 0.5}, "flat"),
+        ({"name": "celu", "alpha": 2.0}, "flat"),
+        ({"name": "gelu", "approximate": True}, "flat"),
+        ({"name": "hard_shrink", "threshold": 0.3}, "flat"),
+        ({"name": "soft_shrink", "threshold": 0.3}, "flat"),
+        ({"name": "threshold", "threshold": 0.1, "default_value": -2.0}, "flat"),
+        ({"name": "squareplus", "b": 1.0}, "flat"),
+        ({"name": "softmax", "axis": 1}, "grid"),
+        ({"name": "log_softmax", "axis": 1}, "grid"),
+        ({"name": "sparsemax", "axis": 1}, "flat"),
+        ({"name": "sparsemax", "axis": 1}, "grid"),
+        ({"name": "glu", "axis": 1}, "grid"),
+    ]
+    x = TensorSpec("x", (None, 6))
+    nodes = [
+        Node("dense", "dense", ("x",), {"kernel": "kernel"}, {}, (None, 8)),
+        Node("grid", "reshape", ("dense",), {}, {"shape": [2, -1]}, (None, 2, 4)),
+    ]
+    tasks = []
+    for i, (activation, source) in enumerate(activations):
+        shape = (None, 8) if source == "flat" else (None, 2, 4)
+        if activation["name"] == "glu":
+            shape = (None, 1, 4)
+        nodes.append(Node(f"act{i}", "activation", ("dense" if source == "flat" else "grid",), {},
+                          {"activation": activation}, shape))
+        tasks.append(Task(f"{activation['name']}_{i}", (x,), (TensorSpec(f"y{i}", shape),), (f"act{i}",)))
+    return CompactModel([x], nodes, tasks, {"kernel": rng.normal(0, 2, (6, 8)).astype("float32")})
+
+
+def test_activation_parameters_and_axes_follow_the_reference(out):
+    cm = _parametrized_activations_model()
+    report = onnx_export.validate(cm, onnx_export.export(cm, out / "activation_parameters")).raise_for_errors()
+    assert {check.task for check in report.checks} == set(cm.task_names)
+
+
+def test_dense_over_the_last_axis_of_a_sequence_and_an_all_zero_kernel(out):
+    rng = np.random.default_rng(2)
+    x = TensorSpec("x", (None, 3, 48))
+    kernel = rng.normal(0, 1, (48, 40)).astype("float32")
+    kernel[rng.random(kernel.shape) < 0.8] = 0.0
+    nodes = [
+        Node("proj", "dense", ("x",), {"kernel": "kernel", "bias": "bias"}, {"activation": "tanh"}, (None, 3, 40)),
+        Node("off", "dense", ("proj",), {"kernel": "zeros"}, {}, (None, 3, 40)),
+    ]
+    tasks = [Task("seq", (x,), (TensorSpec("y", (None, 3, 40)),), ("proj",)),
+             Task("off", (x,), (TensorSpec("z", (None, 3, 40)),), ("off",))]
+    cm = CompactModel([x], nodes, tasks, {"kernel": kernel, "bias": rng.normal(0, 1, 40).astype("float32"),
+                                          "zeros": np.zeros((40, 40), "float32")})
+    path = onnx_export.export(cm, out / "sequence")
+    onnx_export.validate(cm, path).raise_for_errors()
+    initializers = _initializers(path / "off.onnx")
+    assert "weight:zeros" not in initializers and "weight:zeros:values" not in initializers  # nothing stored
+    assert initializers["weight:kernel:values"].size == np.count_nonzero(kernel)
+
+
+def test_float16_export_stays_within_1e_2_and_stores_float16_weights(mixed_compact, out):
+    path = onnx_export.export(mixed_compact, out / "mixed_fp16", dtype="float16")
+    report = onnx_export.validate(mixed_compact, path, atol=0.0, rtol=1e-2).raise_for_errors()  # purely relative
+    assert report.atol == 0.0
+    for file in _files(path):
+        weights = {name: array for name, array in _initializers(file).items() if name.startswith("weight:")}
+        assert weights, file
+        assert {array.dtype for name, array in weights.items() if not name.endswith(":mask")} == {np.dtype("float16")}
+        assert read_metadata(file)[METADATA_DTYPE] == "float16"
+
+
+# -- what the files hold -------------------------------------------------------------------------
+
+
+def test_one_checked_file_per_task_with_the_task_inputs_and_outputs(zoo_exports, mixed_compact):
+    files = {read_metadata(file)[METADATA_TASK]: file for file in _files(zoo_exports["mixed"])}
+    assert sorted(files) == sorted(mixed_compact.task_names)
+    for task in mixed_compact.tasks:
+        proto = onnx.load(str(files[task.name]))
+        onnx.checker.check_model(proto, full_check=True)
+        assert proto.opset_import[0].version == onnx_export.OPSET
+        assert [i.name for i in proto.graph.input] == [spec.name for spec in task.inputs]
+        assert [o.name for o in proto.graph.output] == [spec.name for spec in task.outputs]
+        for value in [*proto.graph.input, *proto.graph.output]:
+            assert value.type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
+        # a task's graph holds only its own weights
+        weight_keys = {name.split(":")[1] for name in _initializers(files[task.name]) if name.startswith("weight:")}
+        assert weight_keys == set(mixed_compact.task_weight_keys(task.name))
+
+
+def test_manifest_task_and_dtype_are_in_the_metadata_and_the_runtime_rebuilds_the_tasks(zoo_exports, mixed_compact):
+    for file in _files(zoo_exports["mixed"]):
+        props = {entry.key: entry.value for entry in onnx.load(str(file)).metadata_props}
+        assert props == read_metadata(file)  # the runtime's own reader agrees with onnx
+        assert json.loads(props[METADATA_MANIFEST]) == json.loads(json.dumps(manifest_of(mixed_compact)))
+        assert props[METADATA_DTYPE] == "float32"
+        assert props[METADATA_TASK] in mixed_compact.task_names
+    session = mann_edge.runtime.load(zoo_exports["mixed"])
+    assert session.tasks == list(mixed_compact.tasks)
+    assert mann_edge.runtime.detect_format(zoo_exports["mixed"]) == "onnx"
+
+
+def test_task_names_are_sanitized_into_file_names_and_kept_in_the_metadata(out):
+    x = TensorSpec("x", (None, 4))
+    names = ["digits/v2", "Digits:v2", "../up", "ünï cödé"]
+    nodes = [Node(f"n{i}", "dense", ("x",), {"kernel": "kernel"}, {"activation": "relu"}, (None, 3)) for i in range(4)]
+    tasks = [Task(name, (x,), (TensorSpec(f"y{i}", (None, 3)),), (f"n{i}",)) for i, name in enumerate(names)]
+    cm = CompactModel([x], nodes, tasks, {"kernel": np.arange(12, dtype="float32").reshape(4, 3) - 5})
+    path = onnx_export.export(cm, out / "odd_names")
+    assert sorted(f.name for f in path.iterdir()) == ["Digits_v2_2.onnx", "_n__c_d_.onnx", "_up.onnx", "digits_v2.onnx"]
+    session = mann_edge.runtime.load(path)
+    assert session.task_names == names
+    onnx_export.validate(cm, path).raise_for_errors()
+
+
+def test_a_single_task_file_loads_that_task(zoo_exports, multiconv_compact):
+    file = zoo_exports["multiconv"] / "parity.onnx"
+    session = mann_edge.runtime.load(file)
+    assert session.task_names == ["parity"]
+    report = onnx_export.validate(multiconv_compact, file).raise_for_errors()
+    assert {check.task for check in report.checks} == {"parity"}
+
+
+def test_dynamic_batch_runs_batch_1_then_32_then_1(zoo_exports, multiconv_compact):
+    session = mann_edge.runtime.load(zoo_exports["multiconv"])
+    for batch in (1, 32, 1):
+        for task in multiconv_compact.tasks:
+            inputs = {spec.name: np.ones((batch, 8, 8, 1), "float32") for spec in task.inputs}
+            (got,) = session.run(task.name, inputs)
+            np.testing.assert_allclose(got, multiconv_compact.run(task.name, inputs)[0], atol=1e-5)
+
+
+def test_sessions_open_lazily_one_per_task_with_the_threads_asked(zoo_exports, multiconv_compact):
+    session = mann_edge.runtime.load(zoo_exports["multiconv"], threads=1)
+    assert session._sessions == {}
+    session.run("digit", np.zeros((1, 8, 8, 1), "float32"))
+    assert list(session._sessions) == ["digit"]
+    assert session.session("digit").get_session_options().intra_op_num_threads == 1
+
+
+def test_sparse_export_is_at_most_a_fifth_of_dense(pruned):
+    cm, exports, seconds = pruned
+    sizes = {label: _size(path) for label, path in exports.items()}
+    ratios = {label: round(size / sizes["dense32"], 3) for label, size in sizes.items()}
+    print(f"\nONNX sizes (bytes): {sizes}; ratio to dense float32: {ratios}; export seconds: {seconds}")
+    assert ratios["sparse32"] <= 0.20
+    assert ratios["sparse16"] <= 0.12
+    for label, path in exports.items():
+        report = onnx_export.validate(cm, path).raise_for_errors()
+        print(f"{label}: max abs error {report.max_abs_error:.3g}")
+
+
+def test_sparse_weights_are_stored_as_bitmask_and_values(pruned):
+    cm, exports, _ = pruned
+    for label, value_dtype in (("sparse32", "float32"), ("sparse16", "float16")):
+        for file in _files(exports[label]):
+            task = read_metadata(file)[METADATA_TASK]
+            initializers = _initializers(file)
+            for key in cm.task_weight_keys(task):
+                dense = cm.dense_weight(key)
+                if dense.size < 1024:
+                    continue  # biases: small, stored dense or encoded as the bytes decide
+                mask, values = initializers[f"weight:{key}:mask"], initializers[f"weight:{key}:values"]
+                assert mask.dtype == np.uint8 and mask.size == math.ceil(dense.size / 8)
+                assert values.dtype == value_dtype and values.size == np.count_nonzero(dense)
+                assert f"weight:{key}" not in initializers
+            largest = max(array.size for array in initializers.values() if array.dtype.kind == "f")
+            assert largest <= 0.15 * 512 * 512  # no dense kernel anywhere
+    for file in _files(exports["dense32"]):
+        assert not any(name.endswith(":mask") for name in _initializers(file))
+
+
+def test_the_expansion_is_folded_once_when_onnxruntime_opens_the_file(pruned, out):
+    cm, exports, _ = pruned
+    for label in ("sparse32", "sparse16", "dense16"):
+        for file in _files(exports[label]):
+            graph = _optimized_graph(file, out)
+            ops = Counter(node.op_type for node in graph.node)
+            assert not EXPANSION_OPS & set(ops), (label, ops)
+            assert ops["Gemm"] + ops["MatMul"] == 3
+            dense_kernels = [init for init in graph.initializer if tuple(init.dims) in {(256, 512), (512, 512), (512, 10)}]
+            assert len(dense_kernels) == 3 and all(init.data_type == onnx.TensorProto.FLOAT for init in dense_kernels)
+
+
+# -- runtime -------------------------------------------------------------------------------------
+
+
+def test_runtime_imports_neither_tensorflow_nor_keras_nor_onnx(zoo_exports):
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "import mann_edge.runtime\n"
+        "session = mann_edge.runtime.load(sys.argv[1], threads=1)\n"
+        "(y,) = session.run('digit', np.zeros((2, 8, 8, 1), 'float32'))\n"
+        "assert y.shape == (2, 10), y.shape\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras', 'onnx')]\n"
+        "assert not heavy, heavy[:5]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(zoo_exports["multiconv"])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_file_that_is_not_onnx_is_refused_naming_it(out):
+    folder = out / "not_onnx"
+    folder.mkdir()
+    path = folder / "zip.onnx"
+    path.write_bytes(b"PK\x03\x04 this is a zip, not a protobuf")
+    with pytest.raises(MannEdgeError, match=r"zip\.onnx is not an ONNX model"):
+        mann_edge.runtime.load(path)
+    with pytest.raises(MannEdgeError, match=r"zip\.onnx is not an ONNX model"):
+        mann_edge.runtime.load(folder)
+    empty = out / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(MannEdgeError, match=r"empty\.onnx is not an ONNX model: the file is empty"):
+        OnnxSession(empty)
+
+
+def test_a_truncated_file_is_refused_naming_it(zoo_exports, out):
+    data = (zoo_exports["multiconv"] / "digit.onnx").read_bytes()
+    for keep in (len(data) // 2, len(data) - 3):
+        path = out / f"truncated_{keep}.onnx"
+        path.write_bytes(data[:keep])
+        with pytest.raises(MannEdgeError, match=rf"truncated_{keep}\.onnx is a truncated ONNX model"):
+            mann_edge.runtime.load(path)
+
+
+def test_an_onnx_file_without_the_manifest_is_refused_naming_it(out):
+    from onnx import helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "foreign",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 2])])
+    path = out / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    with pytest.raises(MannEdgeError, match=r"foreign\.onnx is an ONNX model without the 'mann_edge_manifest'"):
+        mann_edge.runtime.load(path)
+
+
+def test_a_directory_missing_a_task_file_is_refused_naming_the_task(zoo_exports, out):
+    partial = out / "partial"
+    shutil.copytree(zoo_exports["multiconv"], partial)
+    (partial / "parity.onnx").unlink()
+    with pytest.raises(MannEdgeError, match=r"partial lacks the \.onnx files of tasks \['parity'\]"):
+        mann_edge.runtime.load(partial)
+
+
+def test_a_directory_mixing_two_exports_is_refused(zoo_exports, out):
+    mixed = out / "two_models"
+    shutil.copytree(zoo_exports["multiconv"], mixed)
+    shutil.copy(zoo_exports["mixed"] / "text.onnx", mixed / "text.onnx")
+    with pytest.raises(MannEdgeError, match=r"two_models: .*\.onnx and .*\.onnx come from different models"):
+        mann_edge.runtime.load(mixed)
+
+
+def test_out_of_range_and_negative_ids_give_a_clear_error(zoo_exports):
+    session = mann_edge.runtime.load(zoo_exports["mixed"])
+    for bad in (zoo.VOCAB + 5, -1):
+        tokens = np.full((1, zoo.TOKENS), bad, "int32")
+        with pytest.raises(MannEdgeError, match=r"task 'text' of .*text\.onnx"):
+            session.run("text", tokens)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_existing_output_is_refused_without_force(multiconv_compact, out):
+    path = out / "existing"
+    path.mkdir()
+    (path / "notes.txt").write_text("user data")
+    with pytest.raises(OutputExistsError):
+        onnx_export.export(multiconv_compact, path)
+    assert (path / "notes.txt").read_text() == "user data"
+    onnx_export.export(multiconv_compact, path, force=True)
+    assert sorted(f.name for f in path.iterdir()) == ["digit.onnx", "parity.onnx"]
+    assert mann_edge.runtime.load(path).task_names == multiconv_compact.task_names
+
+
+def test_failure_mid_export_leaves_nothing(multiconv_compact, out, monkeypatch):
+    target = out / "failing"
+    before = sorted(out.iterdir())
+    calls = []
+    check_model = onnx.checker.check_model
+
+    def failing_on_the_second_task(model, *args, **kwargs):
+        calls.append(model.graph.name)
+        if len(calls) == 2:
+            raise onnx.checker.ValidationError("simulated checker failure")
+        return check_model(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", failing_on_the_second_task)
+    with pytest.raises(ConversionError, match=r"task 'parity'.*simulated checker failure"):
+        onnx_export.export(multiconv_compact, target)
+    assert calls == ["digit", "parity"]  # the first task's file had been written
+    assert not target.exists()
+    assert sorted(out.iterdir()) == before
+
+
+def test_unsupported_op_is_named_with_the_supported_ones(out):
+    x = TensorSpec("x", (None, 4))
+    node = Node("mystery", "fft", ("x",), {}, {}, (None, 4))
+    cm = CompactModel([x], [node], [Task("t", (x,), (TensorSpec("y", (None, 4)),), ("mystery",))], {})
+    with pytest.raises(ConversionError, match=r"'fft'.*mystery.*Supported ops: \[.*'conv2d'"):
+        onnx_export.export(cm, out / "unsupported")
+    assert not (out / "unsupported").exists()
+
+
+def test_a_lowering_that_fails_is_named_with_its_task_and_node(out):
+    x = TensorSpec("x", (None, 8, None, 1))  # a convolution needs static sizes
+    node = Node("conv", "conv2d", ("x",), {"kernel": "kernel"}, {"strides": [1, 1], "padding": "same"}, (None, 8, None, 2))
+    cm = CompactModel([x], [node], [Task("t", (x,), (TensorSpec("y", (None, 8, None, 2)),), ("conv",))],
+                      {"kernel": np.ones((3, 3, 1, 2), "float32")})
+    with pytest.raises(ConversionError, match=r"task 't': node 'conv' \(op conv2d\).*static sizes"):
+        onnx_export.export(cm, out / "dynamic_conv")
+    assert not (out / "dynamic_conv").exists()
+
+
+def test_every_compact_op_and_activation_has_a_lowering():
+    assert set(OPS) <= set(onnx_export.LOWERINGS)
+    assert set(ACTIVATIONS) <= set(onnx_export.ACTIVATION_LOWERINGS)
+
+
+def test_bad_dtype_is_refused(multiconv_compact, out):
+    with pytest.raises(ConversionError, match="'float32' or 'float16'. Received: 'int8'"):
+        onnx_export.export(multiconv_compact, out / "int8", dtype="int8")
+    assert not (out / "int8").exists()
+
+
+def test_bitmask_encoding_round_trips():
+    rng = np.random.default_rng(5)
+    array = rng.normal(size=(3, 5, 7)).astype("float32")
+    array[rng.random(array.shape) < 0.7] = 0.0
+    mask, values = onnx_export.encode_bitmask(array)
+    assert mask.size == math.ceil(array.size / 8) and values.size == np.count_nonzero(array)
+    present = np.unpackbits(mask, bitorder="little")[: array.size].astype(bool)
+    rebuilt = np.zeros(array.size, "float32")
+    rebuilt[present] = values
+    np.testing.assert_array_equal(rebuilt.reshape(array.shape), array)
