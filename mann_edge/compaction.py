@@ -72,10 +72,17 @@ class _Builder:
             key = f"{name}/{role}"
             self.weights[key] = encode_weight(array, (layouts or {}).get(role, "rows"))
             roles[role] = key
-        self.nodes.append(
-            Node(name, op, tuple(inputs), roles, dict(attrs or {}), tuple(out.shape), _dtype_name(out.dtype))
-        )
+        shape = _activated_shape(tuple(out.shape), (attrs or {}).get("activation"))
+        self.nodes.append(Node(name, op, tuple(inputs), roles, dict(attrs or {}), shape, _dtype_name(out.dtype)))
         return name
+
+
+def _activated_shape(shape: tuple, activation: dict | None) -> tuple:
+    """Keras's symbolic shape of a layer ignores its activation; glu halves its axis."""
+    if not activation or activation["name"] != "glu" or shape[activation["axis"]] is None:
+        return shape
+    axis = activation["axis"] % len(shape)
+    return shape[:axis] + (shape[axis] // 2,) + shape[axis + 1:]
 
 
 def _dtype_name(dtype) -> str:
@@ -522,7 +529,8 @@ def compact(
         output_name = output_names[i] if i < len(output_names) else f"output_{i}"
         used = draft.ancestors([tensor])
         task_inputs = tuple(spec for spec in input_specs if spec.name in used)
-        out_spec = TensorSpec(output_name, tuple(kt.shape), _dtype_name(kt.dtype))
+        shape = draft.node(tensor).shape if tensor in used - {spec.name for spec in input_specs} else tuple(kt.shape)
+        out_spec = TensorSpec(output_name, shape, _dtype_name(kt.dtype))
         task_labels = {output_name: list(labels[task_name])} if labels and task_name in labels else {}
         tasks.append(Task(task_name, task_inputs, (out_spec,), (tensor,), task_labels))
 

@@ -61,7 +61,7 @@ def load(path: "str | os.PathLike", *, threads: int | None = None) -> Session:
     if kind == "mann":
         from mann_edge.runtime.bundle import BundleSession
 
-        return BundleSession(path)
+        return BundleSession(path, threads=threads)
     if kind == "tflite":
         from mann_edge.runtime.litert import LiteRTSession
 

@@ -4,56 +4,178 @@ Each class subclasses the reference op and changes how the weights are held and
 multiplied, not what is computed; tests check each against its reference.
 A CSR kernel multiplies by its nonzeros only: ``y.T = W_oi @ x.T`` with ``W_oi``
 the (outputs, inputs) CSR matrix the bundle stores.
+
+The multiplication itself is a "product" chosen once per op when it is bound:
+
+- `NumbaCSRProduct` (runtime/fast_kernels.py): compiled CSR kernels with the bias and a
+  ReLU fused in, float16 values kept as float16, serial or parallel by ``threads``.
+  Used when numba is installed.
+- `ScipyCSRProduct`: scipy's CSR matrix product, float32 values; single-threaded.
+  The fallback when numba is missing, or when ``MANN_EDGE_KERNELS=numpy``.
+- `DenseProduct`: a weight the bundle keeps dense (CSR would be larger) goes to BLAS.
+
+``MANN_EDGE_KERNELS`` = ``auto`` (default: numba if importable), ``numba`` (required) or
+``numpy`` (the scipy fallback), read when a task's ops are bound.
+
+Example:
+    >>> kernel_backend()
+    'numba'
+    >>> ops = runtime_ops(threads=1)      # the registry `BundleSession` runs with
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
+from mann_edge.errors import MannEdgeError
 from mann_edge.graph import ops
 from mann_edge.graph.activations import apply_activation, normalize_activation
 from mann_edge.sparse import CSRWeight, to_dense
 
-__all__ = ["RUNTIME_OPS", "CSRDense", "CSRConv2D"]
+__all__ = [
+    "RUNTIME_OPS",
+    "CSRDense",
+    "CSRConv2D",
+    "runtime_ops",
+    "kernel_backend",
+    "make_product",
+    "ScipyCSRProduct",
+    "DenseProduct",
+    "KERNELS_ENV",
+    "BACKENDS",
+]
+
+KERNELS_ENV = "MANN_EDGE_KERNELS"
+BACKENDS = ("auto", "numba", "numpy")
+_PLAIN_RELU = normalize_activation("relu")
 
 
-def _matrix(weight):
-    """(outputs, inputs) operand: a scipy CSR matrix for a CSR weight, a dense transposed array otherwise."""
-    if isinstance(weight, CSRWeight):
-        return weight.astype(np.float32).to_scipy()
-    dense = np.asarray(weight, dtype=np.float32)
-    return np.ascontiguousarray(dense.reshape(-1, dense.shape[-1]).T)
+@functools.lru_cache(maxsize=1)
+def _numba_import_error() -> str | None:
+    """None when the compiled kernels import, else why not (numba missing, or failing to load)."""
+    try:
+        import mann_edge.runtime.fast_kernels  # noqa: F401
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+def kernel_backend() -> str:
+    """'numba' or 'numpy': the CSR kernels ops bound now will use (see ``MANN_EDGE_KERNELS``).
+
+    Raises:
+        MannEdgeError: ``MANN_EDGE_KERNELS`` is not one of `BACKENDS`, or is 'numba' and numba does not import.
+
+    Example:
+        >>> os.environ["MANN_EDGE_KERNELS"] = "numpy"; kernel_backend()
+        'numpy'
+    """
+    choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise MannEdgeError(f"{KERNELS_ENV} must be one of {list(BACKENDS)}. Received: {choice!r}")
+    if choice == "numpy":
+        return "numpy"
+    error = _numba_import_error()
+    if error is None:
+        return "numba"
+    if choice == "numba":
+        raise MannEdgeError(f"{KERNELS_ENV}=numba, but the compiled kernels do not import: {error}")
+    return "numpy"
+
+
+class ScipyCSRProduct:
+    """``x (batch, inputs) -> act(x @ W.T + bias)`` with scipy's CSR product (float32 values)."""
+
+    def __init__(self, weight: CSRWeight, bias: np.ndarray | None, *, relu: bool, threads: int | None = None):
+        self.rows, self.cols = weight.matrix_shape
+        self.matrix = weight.astype(np.float32).to_scipy()
+        self.bias = bias
+        self.relu = relu
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = np.asarray((self.matrix @ x.T).T, dtype=np.float32)
+        if self.bias is not None:
+            y += self.bias
+        return apply_activation(y, _PLAIN_RELU) if self.relu else y
+
+
+class DenseProduct:
+    """``x (batch, inputs) -> act(x @ W + bias)`` for a weight kept dense: BLAS does it best."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, *, relu: bool, threads: int | None = None):
+        dense = np.asarray(weight, dtype=np.float32)
+        self.matrix = np.ascontiguousarray(dense.reshape(-1, dense.shape[-1]))
+        self.cols, self.rows = self.matrix.shape
+        self.bias = bias
+        self.relu = relu
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.matrix
+        if self.bias is not None:
+            y += self.bias
+        return apply_activation(y, _PLAIN_RELU) if self.relu else y
+
+
+def make_product(weight, bias: np.ndarray | None, *, relu: bool, threads: int | None):
+    """The product for one kernel weight: numba or scipy for CSR (per `kernel_backend`), BLAS for dense."""
+    if not isinstance(weight, CSRWeight):
+        return DenseProduct(weight, bias, relu=relu, threads=threads)
+    if kernel_backend() == "numba":
+        from mann_edge.runtime.fast_kernels import NumbaCSRProduct
+
+        return NumbaCSRProduct(weight, bias, relu=relu, threads=threads)
+    return ScipyCSRProduct(weight, bias, relu=relu, threads=threads)
 
 
 def _vector(weight):
-    return None if weight is None else np.asarray(to_dense(weight), np.float32)
+    return None if weight is None else np.ascontiguousarray(to_dense(weight), np.float32)
 
 
-class CSRDense(ops.Dense):
-    """`dense` with the kernel kept as CSR."""
+def _check_threads(threads) -> int | None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"`threads` must be a positive int or None. Received: threads={threads!r}")
+    return threads
+
+
+class _ProductOp:
+    """What CSRDense and CSRConv2D share: a product with the bias and (if plain) the ReLU fused in."""
+
+    def __init__(self, node, weights, threads: int | None = None):
+        self.threads = _check_threads(threads)
+        super().__init__(node, weights)
 
     def prepare(self, weights):
-        self.matrix = _matrix(weights["kernel"])
-        self.bias = _vector(weights.get("bias"))
-        self.activation = normalize_activation(self.attrs.get("activation"))
+        activation = normalize_activation(self.attrs.get("activation"))
+        fused = activation == _PLAIN_RELU or activation["name"] == "linear"
+        # an activation the kernels cannot fuse runs afterwards, as in the reference op
+        self.activation = None if fused else activation
+        self.product = make_product(
+            weights["kernel"], _vector(weights.get("bias")), relu=activation == _PLAIN_RELU, threads=self.threads
+        )
+
+    def _finish(self, y):
+        return y if self.activation is None else apply_activation(y, self.activation)
+
+
+class CSRDense(_ProductOp, ops.Dense):
+    """`dense` with the kernel kept as CSR."""
 
     def _run(self, x):
+        if x.shape[-1] != self.product.cols:
+            raise ValueError(f"expected {self.product.cols} input features, got {x.shape[-1]}")
         flat = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
-        y = np.asarray((self.matrix @ flat.T).T)
-        if self.bias is not None:
-            y += self.bias
-        return apply_activation(y.reshape(*x.shape[:-1], -1), self.activation)
+        return self._finish(self.product(flat).reshape(*x.shape[:-1], self.product.rows))
 
 
-class CSRConv2D(ops.Conv2D):
+class CSRConv2D(_ProductOp, ops.Conv2D):
     """`conv2d` as im2col windows times the CSR kernel."""
 
     def prepare(self, weights):
-        kernel = weights["kernel"]
-        self.kernel_shape = tuple(kernel.shape)
-        self.matrix = _matrix(kernel)
-        self.bias = _vector(weights.get("bias"))
-        self.activation = normalize_activation(self.attrs.get("activation"))
+        self.kernel_shape = tuple(weights["kernel"].shape)
+        super().prepare(weights)
 
     def _run(self, x):
         kh, kw, cin, cout = self.kernel_shape
@@ -65,10 +187,25 @@ class CSRConv2D(ops.Conv2D):
         )
         n, ho, wo = windows.shape[:3]
         patches = windows.reshape(n * ho * wo, kh * kw * cin)
-        y = np.asarray((self.matrix @ patches.T).T).reshape(n, ho, wo, cout)
-        if self.bias is not None:
-            y += self.bias
-        return apply_activation(y, self.activation)
+        return self._finish(self.product(patches).reshape(n, ho, wo, cout))
 
 
-RUNTIME_OPS = {**ops.OPS, "dense": CSRDense, "conv2d": CSRConv2D}
+def runtime_ops(threads: int | None = None) -> dict:
+    """The op registry of the bundle backend: the reference ops, with CSR kernels for dense and conv2d.
+
+    Args:
+        threads: threads the CSR kernels may use (1: serial; None: all numba's threads).
+            The scipy fallback is single-threaded whatever this says.
+
+    Example:
+        >>> Executor(model, "digits", runtime_ops(threads=1)).run({"x": x})
+    """
+    _check_threads(threads)
+    return {
+        **ops.OPS,
+        "dense": functools.partial(CSRDense, threads=threads),
+        "conv2d": functools.partial(CSRConv2D, threads=threads),
+    }
+
+
+RUNTIME_OPS = runtime_ops()

@@ -360,3 +360,11 @@ def test_inspect_command_reads_every_source_kind(kind, bundles, tmp_path, mixed_
     report = json.loads(result.stdout)
     assert report["tasks"] and all(t["nonzeros"] <= t["params"] for t in report["tasks"])
     assert main(["inspect", str(path)]) == 0
+
+
+def test_output_specs_give_the_shapes_the_tasks_return(activations_compact):
+    # Keras's symbolic shape ignores the activation (glu halves its axis); the specs must not.
+    x = np.ones((2, 6), np.float32)
+    for task in activations_compact.tasks:
+        (got,) = activations_compact.run(task.name, x)
+        assert got.shape[1:] == task.outputs[0].shape[1:], task.name

@@ -1,0 +1,279 @@
+"""The bundle backend's CSR kernels against the reference ops: numba path, scipy fallback, threads.
+
+Small random layers (odd shapes, empty rows, all-zero weights, float32 and float16 values),
+dense and conv, each op bound once with the reference registry and once with the runtime's,
+on batch 1 (the mat-vec kernel) and larger batches (the transposed mat-mat kernel).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mann_edge.errors import InputError, MannEdgeError
+from mann_edge.graph import ops
+from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
+from mann_edge.runtime import kernels
+from mann_edge.runtime.bundle import BundleSession
+from mann_edge.sparse import CSRWeight, encode_weight
+
+numba_only = pytest.mark.skipif(
+    kernels._numba_import_error() is not None, reason="numba is not installed: only the scipy fallback can run"
+)
+BACKENDS = ["numpy", pytest.param("numba", marks=numba_only)]
+ATOL = 1e-5
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, request.param)
+    return request.param
+
+
+def _sparse(rng, shape, density, dtype="float32", empty_rows=0):
+    """A random (…, out) kernel with ``density`` nonzeros; the first ``empty_rows`` outputs read nothing."""
+    w = rng.normal(0, 1, shape).astype(np.float32) * (rng.random(shape) < density)
+    if empty_rows:
+        w[..., :empty_rows] = 0
+    return w.astype(dtype)
+
+
+def _weights(kernel, bias):
+    weights = {"kernel": CSRWeight.from_dense(kernel, "oi")}
+    if bias is not None:
+        weights["bias"] = bias
+    return weights
+
+
+def _node(op, attrs, bias=True):
+    roles = {"kernel": "k", **({"bias": "b"} if bias else {})}
+    return Node("layer", op, ("x",), roles, attrs)
+
+
+def _pair(op, attrs, kernel, bias, threads=1):
+    node = _node(op, attrs, bias is not None)
+    weights = _weights(kernel, bias)
+    reference = ops.bind(node, {"k": weights["kernel"], **({"b": bias} if bias is not None else {})})
+    fast = kernels.runtime_ops(threads)[op](node, weights)
+    return reference, fast
+
+
+DENSE_CASES = [
+    # (inputs, outputs, density, empty output rows, activation)
+    (7, 5, 0.5, 0, "relu"),
+    (33, 17, 0.1, 3, "linear"),
+    (300, 9, 0.05, 0, "softmax"),
+    (19, 1, 1.0, 0, "tanh"),
+    (11, 6, 0.0, 0, "relu"),  # an all-zero weight: only the bias comes out
+    (70, 40, 0.3, 40, {"name": "relu", "max_value": 1.0}),  # every row empty; a relu the kernel cannot fuse
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: f"{c[0]}x{c[1]}")
+@pytest.mark.parametrize("batch", [1, 2, 13])
+def test_csr_dense_matches_the_reference_op(backend, case, dtype, batch):
+    inputs, outputs, density, empty, activation = case
+    rng = np.random.default_rng(inputs * 7 + outputs)
+    kernel = _sparse(rng, (inputs, outputs), density, dtype, empty)
+    bias = rng.normal(0, 1, outputs).astype(dtype)
+    reference, fast = _pair("dense", {"activation": activation}, kernel, bias)
+    x = rng.normal(0, 1, (batch, inputs)).astype(np.float32)
+    expected = reference.run(x)
+    got = fast.run(x)
+    assert got.shape == expected.shape == (batch, outputs)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=1e-5)
+
+
+def test_csr_dense_without_bias_and_with_more_leading_axes(backend):
+    rng = np.random.default_rng(3)
+    reference, fast = _pair("dense", {"activation": "relu"}, _sparse(rng, (12, 8), 0.4), None)
+    x = rng.normal(0, 1, (2, 3, 12)).astype(np.float32)
+    np.testing.assert_allclose(fast.run(x), reference.run(x), atol=ATOL)
+    assert fast.run(x).shape == (2, 3, 8)
+
+
+def test_an_empty_batch_gives_an_empty_result(backend):
+    rng = np.random.default_rng(4)
+    _, fast = _pair("dense", {"activation": "relu"}, _sparse(rng, (6, 4), 0.5), np.ones(4, "float32"))
+    assert fast.run(np.zeros((0, 6), np.float32)).shape == (0, 4)
+
+
+def test_the_fused_relu_turns_nan_into_zero_as_the_reference_does(backend):
+    # the reference relu is np.where(x >= 0, x, 0); every output reads the NaN input here
+    # (a sparse product skips stored zeros, so NaN reaches only the outputs that read it)
+    kernel = np.array([[1.0, -2.0, 3.0], [0.0, 1.0, 0.0]], np.float32)
+    reference, fast = _pair("dense", {"activation": "relu"}, kernel, None)
+    for batch in (1, 4):
+        x = np.tile(np.array([[np.nan, 1.0]], np.float32), (batch, 1))
+        expected = reference.run(x)
+        assert np.all(expected == 0)
+        np.testing.assert_array_equal(fast.run(x), expected)
+
+
+CONV_CASES = [
+    # (image, kernel (kh, kw, cin, cout), strides, padding, dilation, density)
+    ((9, 7, 3), (3, 3, 3, 5), (1, 1), "same", (1, 1), 0.3),
+    ((8, 8, 2), (2, 3, 2, 4), (2, 1), "valid", (1, 1), 0.5),
+    ((10, 9, 1), (3, 2, 1, 3), (1, 2), "same", (2, 1), 0.6),
+    ((5, 5, 4), (1, 1, 4, 6), (1, 1), "valid", (1, 1), 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[1]}-{c[3]}")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_csr_conv2d_matches_the_reference_op(backend, case, dtype, batch):
+    image, shape, strides, padding, dilation, density = case
+    rng = np.random.default_rng(sum(shape))
+    kernel = _sparse(rng, shape, density, dtype, empty_rows=1)
+    bias = rng.normal(0, 1, shape[-1]).astype(np.float32)
+    attrs = {"strides": strides, "padding": padding, "dilation": dilation, "activation": "relu"}
+    reference, fast = _pair("conv2d", attrs, kernel, bias)
+    x = rng.normal(0, 1, (batch, *image)).astype(np.float32)
+    expected = reference.run(x)
+    got = fast.run(x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=1e-5)
+
+
+def test_a_dense_kernel_kept_dense_runs_through_blas(backend):
+    rng = np.random.default_rng(5)
+    kernel = rng.normal(0, 1, (6, 4)).astype(np.float32)
+    node = _node("dense", {"activation": "relu"})
+    fast = kernels.runtime_ops(1)["dense"](node, {"kernel": kernel, "bias": np.ones(4, "float32")})
+    reference = ops.bind(node, {"k": kernel, "b": np.ones(4, "float32")})
+    assert isinstance(fast.product, kernels.DenseProduct)
+    x = rng.normal(0, 1, (3, 6)).astype(np.float32)
+    np.testing.assert_allclose(fast.run(x), reference.run(x), atol=ATOL)
+
+
+def test_a_wrong_input_size_is_refused_before_the_kernel_reads_it(backend):
+    rng = np.random.default_rng(6)
+    _, fast = _pair("dense", {"activation": "relu"}, _sparse(rng, (10, 4), 0.5), None)
+    for batch in (1, 5):
+        with pytest.raises(InputError, match=r"node 'layer'.*expected 10 input features, got 9"):
+            fast.run(np.ones((batch, 9), np.float32))
+
+
+# -- which kernels run -----------------------------------------------------------------------------
+
+
+@numba_only
+def test_numba_is_used_when_installed_and_the_fallback_when_asked(monkeypatch):
+    from mann_edge.runtime.fast_kernels import NumbaCSRProduct
+
+    rng = np.random.default_rng(7)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "auto")
+    assert kernels.kernel_backend() == "numba"
+    _, fast = _pair("dense", {}, _sparse(rng, (5, 3), 0.5), None)
+    assert isinstance(fast.product, NumbaCSRProduct)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numpy")
+    _, fallback = _pair("dense", {}, _sparse(rng, (5, 3), 0.5), None)
+    assert isinstance(fallback.product, kernels.ScipyCSRProduct)
+
+
+@numba_only
+def test_float16_values_stay_float16_in_the_numba_kernel(monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+    rng = np.random.default_rng(8)
+    _, fast = _pair("dense", {}, _sparse(rng, (40, 30), 0.2, "float16"), None)
+    assert fast.product.data.dtype == np.uint16  # the half bits, widened in the kernel
+
+
+def test_an_unknown_kernel_choice_is_refused(monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, "cuda")
+    with pytest.raises(MannEdgeError, match=r"MANN_EDGE_KERNELS must be one of \['auto', 'numba', 'numpy'\]. Received: 'cuda'"):
+        kernels.kernel_backend()
+
+
+def test_without_numba_auto_falls_back_and_numba_is_an_error():
+    # a fresh interpreter where importing numba fails, as on a device without it
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import os\n"
+        "from mann_edge.runtime import kernels\n"
+        "assert kernels.kernel_backend() == 'numpy', kernels.kernel_backend()\n"
+        "os.environ['MANN_EDGE_KERNELS'] = 'numba'\n"
+        "try:\n"
+        "    kernels.kernel_backend()\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__, error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != kernels.KERNELS_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.startswith("MannEdgeError MANN_EDGE_KERNELS=numba, but the compiled kernels do not import")
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True])
+def test_bad_thread_counts_are_refused(threads):
+    with pytest.raises(ValueError, match=r"`threads` must be a positive int or None"):
+        kernels.runtime_ops(threads)
+
+
+# -- whole tasks through the session ---------------------------------------------------------------
+
+
+def _mlp(dtype="float32") -> CompactModel:
+    """x (29) -> 64 relu -> 31 relu -> 7 softmax, about 80 % zeros, as compaction stores it."""
+    rng = np.random.default_rng(9)
+    sizes = [29, 64, 31, 7]
+    nodes, weights, previous = [], {}, "x"
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        name = f"dense_{i}"
+        weights[f"{name}/kernel"] = encode_weight(_sparse(rng, (n_in, n_out), 0.2, empty_rows=2), "oi")
+        weights[f"{name}/bias"] = encode_weight(rng.normal(0, 1, n_out).astype(np.float32))
+        activation = "softmax" if i == len(sizes) - 2 else "relu"
+        nodes.append(Node(name, "dense", (previous,), {"kernel": f"{name}/kernel", "bias": f"{name}/bias"},
+                          {"activation": activation}, (None, n_out)))
+        previous = name
+    spec = TensorSpec("x", (None, 29))
+    task = Task("task", (spec,), (TensorSpec("y", (None, 7)),), (previous,))
+    return CompactModel([spec], nodes, [task], weights).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("threads", [1, 2, None])
+def test_a_session_with_threads_matches_the_reference_executor(backend, dtype, threads):
+    model = _mlp(dtype)
+    session = BundleSession("mlp.mann", model=model, threads=threads)
+    for batch in (1, 6, 64):
+        x = np.random.default_rng(batch).normal(0, 1, (batch, 29)).astype(np.float32)
+        got = session.run("task", x)[0]
+        assert got.flags.c_contiguous
+        np.testing.assert_allclose(got, model.run("task", x)[0], atol=ATOL, rtol=1e-5)
+
+
+@numba_only
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_numba_and_scipy_paths_agree(monkeypatch, dtype):
+    model = _mlp(dtype)
+    x = np.random.default_rng(10).normal(0, 1, (17, 29)).astype(np.float32)
+    outputs = {}
+    for choice in ("numba", "numpy"):
+        monkeypatch.setenv(kernels.KERNELS_ENV, choice)
+        outputs[choice] = BundleSession("mlp.mann", model=model, threads=1).run("task", x)[0]
+    np.testing.assert_allclose(outputs["numba"], outputs["numpy"], atol=ATOL, rtol=1e-5)
+
+
+def test_load_passes_threads_to_the_bundle_session(tmp_path, backend):
+    from mann_edge import runtime
+
+    path = _mlp().save(tmp_path / "mlp.mann")
+    session = runtime.load(path, threads=1)
+    assert isinstance(session, BundleSession) and session.threads == 1
+    x = np.ones((2, 29), np.float32)
+    np.testing.assert_allclose(session.run("task", x)[0], _mlp().run("task", x)[0], atol=ATOL)
+
+
+def test_the_pruned_fixture_runs_the_same_on_every_kernel_path(backend, pruned_compact):
+    session = BundleSession("pruned.mann", model=pruned_compact, threads=1)
+    for task in pruned_compact.tasks:
+        for batch in (1, 32):
+            x = np.random.default_rng(batch).normal(0, 1, (batch, 256)).astype(np.float32)
+            np.testing.assert_allclose(session.run(task.name, x)[0], pruned_compact.run(task.name, x)[0], atol=ATOL)
