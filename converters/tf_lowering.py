@@ -6,7 +6,7 @@ reproduces the numpy reference (`mann_edge.graph.ops`, `mann_edge.graph.activati
 with ops that TFLite has as builtins, so the converter never needs TF Select:
 
 - Weights are dense float32 values; the TFLite converter re-encodes the zeros
-  (``EXPERIMENTAL_SPARSITY``) and stores float16 itself, so the graph stays plain. Small
+  (``EXPERIMENTAL_SPARSITY``) and stores float16 or int8 itself, so the graph stays plain. Small
   weights are graph constants. Large ones are non-trainable variables, which the
   converter freezes into constants: the SavedModel keeps them in its checkpoint instead
   of its graph, which makes saving and converting a large model 3-4 times faster (a
@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from mann_edge.errors import ConversionError
-from mann_edge.graph.activations import normalize_activation
+from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE, normalize_activation
 from mann_edge.graph.model import CompactModel, Node, Task
 
 __all__ = [
@@ -43,6 +43,8 @@ __all__ = [
     "build_module",
     "LoweringOptions",
     "lower_activation",
+    "DTYPES",
+    "BLOCK_SIZES",
 ]
 
 Weight = "np.ndarray | tf.Variable"
@@ -51,14 +53,11 @@ Lowering = Callable[[Node, list, Mapping[str, Weight], "LoweringOptions"], tf.Te
 LOWERINGS: dict[str, Lowering] = {}
 ACTIVATION_LOWERINGS: dict[str, Callable[..., tf.Tensor]] = {}
 
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "int8")
 # From this many elements on, a weight is a variable rather than a graph constant (see the module docstring).
 _VARIABLE_MIN_ELEMENTS = 1 << 16
-# Inputs per block of TFLite's block-sparse FULLY_CONNECTED weights (float).
-_BLOCK = 4
-# Keras's selu constants.
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
+# Inputs per block of TFLite's block-sparse FULLY_CONNECTED weights: 1x4 for float values, 1x16 for int8.
+BLOCK_SIZES = {"float32": 4, "float16": 4, "int8": 16}
 
 
 def lowering(op_type: str):
@@ -114,15 +113,16 @@ def check_lowerings(model: CompactModel) -> None:
 class LoweringOptions:
     """What a build asks of every lowering.
 
-    ``block_align``: give every dense kernel an input size that is a multiple of 4, padding
-    the input and the kernel with zeros where needed. The TFLite converter's 1x4-block
-    sparse encoder (`EXPERIMENTAL_SPARSITY`) reads such a kernel through a view truncated
-    to whole blocks: it can pick the block encoding on a wrong estimate and drop the last
-    inputs' weights, which gives wrong outputs (seen on TF 2.21 with 6 inputs). Aligned
-    kernels are encoded whole.
+    ``block_align``: give every dense kernel an input size that is a multiple of this many
+    inputs (0: leave them), padding the input and the kernel with zeros where needed. The
+    TFLite converter's block-sparse encoder (`EXPERIMENTAL_SPARSITY`; 1x4 blocks for float,
+    1x16 for int8) reads such a kernel through a view truncated to whole blocks: it can pick
+    the block encoding on a wrong estimate and drop the last inputs' weights, which gives
+    wrong outputs (seen on TF 2.21 with 6 inputs in float and with 40 or 1000 in int8).
+    Aligned kernels are encoded whole.
     """
 
-    block_align: bool = False
+    block_align: int = 0
 
 
 def build_module(model: CompactModel, dtype: str = "float32", *, block_align: bool = False) -> tf.Module:
@@ -132,9 +132,10 @@ def build_module(model: CompactModel, dtype: str = "float32", *, block_align: bo
     None) and returns ``{output name: tensor}``. Weights are dense: constants, or
     non-trainable variables (``module.variables_by_key``) from 65,536 elements on.
     ``dtype="float16"`` rounds their values to float16 (they stay float32, so the
-    converter's float16 encoding is lossless).
-    ``block_align`` pads dense kernels to a multiple of 4 inputs (see `LoweringOptions`);
-    sparse TFLite exports need it.
+    converter's float16 encoding is lossless); ``dtype="int8"`` leaves them float32 (the
+    converter quantizes them).
+    ``block_align`` pads dense kernels to a multiple of the dtype's block (`BLOCK_SIZES`:
+    4 inputs, 16 for int8; see `LoweringOptions`); sparse TFLite exports need it.
 
     Raises:
         ConversionError: an op or activation without a lowering, or an unknown dtype.
@@ -145,9 +146,9 @@ def build_module(model: CompactModel, dtype: str = "float32", *, block_align: bo
         >>> tf.saved_model.save(module, "saved", signatures=signatures)
     """
     if dtype not in DTYPES:
-        raise ConversionError(f"TFLite export dtype must be 'float32' or 'float16'. Received: {dtype!r}")
+        raise ConversionError(f"TFLite export dtype must be one of {list(DTYPES)}. Received: {dtype!r}")
     check_lowerings(model)
-    options = LoweringOptions(block_align=block_align)
+    options = LoweringOptions(block_align=BLOCK_SIZES[dtype] if block_align else 0)
     weights = {key: _dense_weight(model.dense_weight(key), dtype) for key in model.weights}
     module = tf.Module()
     module.variables_by_key = {key: w for key, w in weights.items() if isinstance(w, tf.Variable)}
@@ -157,7 +158,8 @@ def build_module(model: CompactModel, dtype: str = "float32", *, block_align: bo
 
 def _dense_weight(weight: np.ndarray, dtype: str) -> Weight:
     if np.issubdtype(weight.dtype, np.floating):
-        weight = weight.astype(dtype).astype(np.float32)
+        # int8 stays float32 here: the converter quantizes the weights itself.
+        weight = weight.astype("float16" if dtype == "float16" else np.float32).astype(np.float32)
     return tf.Variable(weight, trainable=False) if weight.size >= _VARIABLE_MIN_ELEMENTS else weight
 
 
@@ -205,7 +207,7 @@ def _dense(node, inputs, weights, options):
     middle = [int(d) for d in x.shape[1:-1]]
     if middle:
         x = tf.reshape(x, [-1, kernel.shape[0]])
-    padding = -kernel.shape[0] % _BLOCK if options.block_align else 0
+    padding = -kernel.shape[0] % options.block_align if options.block_align else 0
     if padding:
         x = tf.pad(x, [[0, 0], [0, padding]])
         kernel = tf.pad(kernel, [[0, padding], [0, 0]])  # folded into the constant by the converter
@@ -377,7 +379,7 @@ def _elu_activation(x, alpha=1.0):
 
 @activation_lowering("selu")
 def _selu(x):
-    return _SELU_SCALE * _elu(x, _SELU_ALPHA)
+    return SELU_SCALE * _elu(x, SELU_ALPHA)
 
 
 def _expm1(x):

@@ -8,11 +8,13 @@ indices where they fit). Embedding tables, biases and normalisation weights stay
 the baseline for size ratios and benchmarks.
 
 What runs sparse: only FULLY_CONNECTED weights with 1x4 blocks (four consecutive inputs
-of one output unit, float) reach TFLite's sparse FULLY_CONNECTED kernel. Unstructured
-sparsity (what RSN2 pruning gives) gets a DENSIFY op in front of its consumer: the weight
-is expanded once when the interpreter prepares the model and runs dense. In sparse
-exports a dense kernel whose input size is not a multiple of 4 is padded to one (a PAD
-op on its input), because the converter's block encoder mis-encodes such kernels (see
+of one output unit, float) or 1x16 blocks (int8) reach TFLite's sparse FULLY_CONNECTED
+kernel; RSN2 gives such masks with ``mask_model(..., block_size=4)`` (16 for int8).
+Unstructured sparsity (what RSN2 pruning gives by default) gets a DENSIFY op in front of
+its consumer: the weight is expanded once when the interpreter prepares the model and
+runs dense. In sparse exports a dense kernel whose input size is not a multiple of the
+block (4, or 16 for int8) is padded to one (a PAD op on its input), because the
+converter's block encoder mis-encodes such kernels (see
 `mann_edge.converters.tf_lowering.LoweringOptions`).
 
 Choices, and why:
@@ -26,9 +28,23 @@ Choices, and why:
   inside the sparse encoding, DENSIFY then DEQUANTIZE in front of each weight's consumer.
   Weights are stored float16, everything computes in float32 (LiteRT computes the
   DEQUANTIZE of a constant once and keeps it; XNNPACK converts the weights at load).
-- The manifest (``mann_edge_manifest``) and the dtype (``mann_edge_dtype``) are model
-  metadata entries, written into the converter's flatbuffer with the schema's object API
-  (file identifier TFL3); `mann_edge.runtime.litert` rebuilds the tasks from them.
+- ``dtype="int8"``: dynamic-range quantization (``Optimize.DEFAULT`` without a
+  representative dataset): weights of 1024 elements or more are stored int8 with their
+  scales, activations stay float; FULLY_CONNECTED and CONV_2D run their hybrid kernels
+  (inputs quantized on the fly, per batch row). With ``sparse=True`` the int8 weights take
+  the sparse encoding too, and 1x16-block weights run the sparse int8 kernel. Errors are
+  those of 8-bit values, so int8 exports are checked against a tolerance relative to
+  each output's scale (`mann_edge.converters.validation.tolerances`).
+- Every int8 export is verified before it is written: LiteRT 2.3's XNNPACK delegate gives
+  wrong outputs (NaN or far-off values on x86) on int8 1x16 block-sparse weights, and cannot
+  prepare int8 weights behind a DENSIFY op (unstructured int8). When XNNPACK fails the
+  check and the builtin kernels pass it, the file records ``mann_edge_use_xnnpack =
+  false``, `LiteRTSession` then runs it without XNNPACK, and the export warns
+  (`XnnpackFallbackWarning`). When the builtin kernels fail too, the export fails.
+- The manifest (``mann_edge_manifest``), the dtype (``mann_edge_dtype``) and, for int8,
+  the kernel decision (``mann_edge_use_xnnpack``) are model metadata entries, written
+  into the converter's flatbuffer with the schema's object API (file identifier TFL3);
+  `mann_edge.runtime.litert` rebuilds the tasks from them.
 
 Example:
     >>> from mann_edge.converters import tflite
@@ -60,14 +76,15 @@ from mann_edge.converters.tf_lowering import (
     build_module,
     check_lowerings,
 )
-from mann_edge.converters.validation import ValidationReport, compare, tolerances
-from mann_edge.errors import ConversionError
+from mann_edge.converters.validation import ValidationReport, compare, scaled_atol, tolerances
+from mann_edge.errors import ConversionError, MannEdgeError
 from mann_edge.files import atomic_output
 from mann_edge.graph.model import CompactModel
 from mann_edge.runtime.litert import (
     FILE_IDENTIFIER,
     METADATA_DTYPE,
     METADATA_MANIFEST,
+    METADATA_USE_XNNPACK,
     LiteRTSession,
     builtin_operators,
     captured_stderr,
@@ -80,13 +97,24 @@ __all__ = [
     "ACTIVATION_LOWERINGS",
     "export",
     "validate",
+    "artifact_name",
     "operators",
     "add_metadata",
+    "XnnpackFallbackWarning",
 ]
 
 FORMAT = "tflite"
 # Longest converter message quoted in an error (MLIR diagnostics run to pages).
 _MAX_MESSAGE = 500
+
+
+class XnnpackFallbackWarning(UserWarning):
+    """An export runs wrong under LiteRT's XNNPACK delegate and right on the builtin kernels: it records XNNPACK off."""
+
+
+def artifact_name(**export_options) -> str:
+    """The file name a TFLite export gets inside an output directory."""
+    return "model.tflite"
 
 
 def export(
@@ -102,27 +130,73 @@ def export(
     Args:
         model: the compact model; every task becomes a signature named after it.
         path: the output file (an existing one is refused unless ``force``).
-        dtype: 'float32', or 'float16' to store the weights as float16.
+        dtype: 'float32'; 'float16' to store the weights as float16; 'int8' for dynamic-range
+            quantization (int8 weights, float activations), verified before it is written.
         sparse: store sparse weights in TFLite's sparse encoding (False: all dense).
         force: overwrite an existing ``path``.
 
     Raises:
-        ConversionError: an op without a lowering, a bad option, or the converter failing.
+        ConversionError: an op without a lowering, a bad option, the converter failing, or an
+            int8 export that does not match ``model`` even on the builtin kernels.
         OutputExistsError: ``path`` exists and ``force`` is False.
+
+    Warns:
+        XnnpackFallbackWarning: an int8 export that XNNPACK runs wrong; the file records
+            that XNNPACK must stay off, and `LiteRTSession` honours it.
 
     Example:
         >>> export(cm, "model.tflite", dtype="float16")
         PosixPath('model.tflite')
     """
     if dtype not in DTYPES:
-        raise ConversionError(f"TFLite export dtype must be 'float32' or 'float16'. Received: {dtype!r}")
+        raise ConversionError(f"TFLite export dtype must be one of {list(DTYPES)}. Received: {dtype!r}")
     check_lowerings(model)
     path = Path(path)
-    manifest_text = json.dumps(manifest_of(model))
+    metadata = {METADATA_MANIFEST: json.dumps(manifest_of(model)).encode(), METADATA_DTYPE: dtype.encode()}
     with atomic_output(path, force=force) as tmp:
         flatbuffer = _convert(model, dtype=dtype, sparse=sparse)
-        tmp.write_bytes(add_metadata(flatbuffer, {METADATA_MANIFEST: manifest_text.encode(), METADATA_DTYPE: dtype.encode()}))
+        tmp.write_bytes(add_metadata(flatbuffer, metadata))
+        if dtype == "int8":
+            use_xnnpack = _choose_kernels(model, tmp, path)
+            tmp.write_bytes(add_metadata(flatbuffer, {**metadata, METADATA_USE_XNNPACK: str(use_xnnpack).lower().encode()}))
     return path
+
+
+def _choose_kernels(model: CompactModel, written: Path, path: Path) -> bool:
+    """Whether XNNPACK may run the export ``written`` (to become ``path``): verified, never assumed.
+
+    XNNPACK first, as LiteRT applies it by default; when it runs the file wrong or cannot
+    prepare it (XNNPACK refuses int8 weights behind a DENSIFY op), the builtin kernels.
+    A file that neither runs right is refused with both findings.
+    """
+    try:
+        with_xnnpack = validate(model, written, use_xnnpack=True)
+        xnnpack_problem = "" if with_xnnpack.ok else _worst(with_xnnpack)
+    except MannEdgeError as error:
+        xnnpack_problem = str(error).replace(str(written), str(path))
+    if not xnnpack_problem:
+        return True
+    builtin = validate(model, written, use_xnnpack=False)
+    if builtin.ok:
+        warnings.warn(
+            f"{path}: LiteRT's XNNPACK delegate does not run this int8 export right ({xnnpack_problem}); the "
+            f"builtin kernels do (max abs error {builtin.max_abs_error:.3g}). The file records "
+            f"{METADATA_USE_XNNPACK}=false, so mann_edge.runtime runs it without XNNPACK",
+            XnnpackFallbackWarning,
+            stacklevel=3,
+        )
+        return False
+    raise ConversionError(
+        f"TFLite int8 export {path} does not match the compact model: with XNNPACK {xnnpack_problem}; "
+        f"with the builtin kernels {_worst(builtin)}. Export it as float16 or float32 instead"
+    )
+
+
+def _worst(report: ValidationReport) -> str:
+    """The first failing check of ``report``, in a few words (task, output, batch, error)."""
+    check = report.failures()[0]
+    what = check.problem or f"max abs error {check.max_abs_error:.3g}"
+    return f"task {check.task!r} output '{check.output}' batch {check.batch}: {what}"
 
 
 def validate(
@@ -132,12 +206,15 @@ def validate(
     atol: float | None = None,
     rtol: float | None = None,
     tasks: Sequence[str] | None = None,
-    use_xnnpack: bool = True,
+    use_xnnpack: bool | None = None,
 ) -> ValidationReport:
     """Runs the export at ``path`` through LiteRT on sample inputs (batch 1 and 8) and compares it with ``model``.
 
-    Default tolerances follow the dtype the file was exported with. ``use_xnnpack=False``
-    checks the builtin kernels instead of the XNNPACK delegate.
+    Default tolerances follow the dtype the file was exported with
+    (`mann_edge.converters.validation.tolerances`); for int8 files ``atol`` is a fraction
+    of each output's scale (its largest absolute reference value). ``use_xnnpack``: True
+    checks the XNNPACK delegate, False the builtin kernels, None (default) what
+    `LiteRTSession` runs by default for this file.
 
     Example:
         >>> report = validate(cm, "model.tflite")
@@ -155,6 +232,7 @@ def validate(
         atol=default_atol if atol is None else atol,
         rtol=default_rtol if rtol is None else rtol,
         tasks=tasks,
+        scaled_atol=scaled_atol(dtype),
     )
 
 
@@ -211,6 +289,8 @@ def _convert(model: CompactModel, *, dtype: str, sparse: bool) -> bytes:
             if dtype == "float16":
                 optimizations.add(tf.lite.Optimize.DEFAULT)
                 converter.target_spec.supported_types = [tf.float16]
+            if dtype == "int8":  # no representative dataset: dynamic-range quantization
+                optimizations.add(tf.lite.Optimize.DEFAULT)
             converter.optimizations = optimizations
             return converter.convert()
     except ConversionError:

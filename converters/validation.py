@@ -17,12 +17,31 @@ import numpy as np
 from mann_edge.errors import ValidationError
 from mann_edge.graph.model import CompactModel, Task
 
-__all__ = ["OutputCheck", "ValidationReport", "sample_inputs", "compare", "tolerances"]
+__all__ = ["OutputCheck", "ValidationReport", "sample_inputs", "compare", "tolerances", "scaled_atol"]
 
 
 def tolerances(dtype: str) -> tuple[float, float]:
-    """Default (atol, rtol) for weights stored as ``dtype``."""
+    """Default (atol, rtol) for weights stored as ``dtype``.
+
+    int8 (dynamic-range quantization: int8 weights, inputs quantized per batch row at run
+    time) errs by a share of the size of the values, not per element: its atol is a
+    fraction of each output's scale (``scaled_atol``), INT8_ATOL of it (see below).
+    """
+    if dtype == "int8":
+        return (INT8_ATOL, 0.0)
     return (1e-5, 1e-4) if dtype == "float32" else (1e-2, 1e-2)
+
+
+# int8 tolerance, as a fraction of an output's scale (its largest |reference| value).
+# Rounding 8-bit weights and inputs costs about 1 % of a layer's output scale per layer, and
+# these errors add up through a network; 5 % keeps the deeper models (7 layers) inside
+# while a broken kernel (a misread block, NaN, a wrong scale) errs by far more.
+INT8_ATOL = 0.05
+
+
+def scaled_atol(dtype: str) -> bool:
+    """Whether ``atol`` for ``dtype`` is a fraction of each output's scale (int8) rather than absolute."""
+    return dtype == "int8"
 
 
 @dataclass
@@ -47,6 +66,7 @@ class ValidationReport:
     atol: float
     rtol: float
     checks: list[OutputCheck] = field(default_factory=list)
+    atol_scaled: bool = False  # atol is a fraction of each output's scale (max |reference|)
 
     @property
     def ok(self) -> bool:
@@ -65,7 +85,8 @@ class ValidationReport:
         if bad:
             details = "; ".join(
                 f"task {c.task!r} output '{c.output}' batch {c.batch}: "
-                + (c.problem or f"max abs error {c.max_abs_error:.3g} (atol {self.atol:g}, rtol {self.rtol:g})")
+                + (c.problem or f"max abs error {c.max_abs_error:.3g} (atol {self.atol:g}"
+                   f"{' x output scale' if self.atol_scaled else ''}, rtol {self.rtol:g})")
                 for c in bad
             )
             raise ValidationError(f"{self.format} export {self.artifact} does not match the compact model: {details}")
@@ -107,9 +128,14 @@ def compare(
     tasks: Sequence[str] | None = None,
     batches: Sequence[int] = (1, 8),
     seed: int = 0,
+    scaled_atol: bool = False,
 ) -> ValidationReport:
-    """Runs every task (or ``tasks``) through ``run`` and the reference; returns the report (does not raise)."""
-    report = ValidationReport(format, str(artifact), atol, rtol)
+    """Runs every task (or ``tasks``) through ``run`` and the reference; returns the report (does not raise).
+
+    ``scaled_atol``: ``atol`` is a fraction of each output's scale (its largest |reference|
+    value at that batch) instead of an absolute error (int8 exports).
+    """
+    report = ValidationReport(format, str(artifact), atol, rtol, atol_scaled=scaled_atol)
     for name in tasks or model.task_names:
         task = model.task(name)
         for batch in batches:
@@ -134,7 +160,8 @@ def compare(
                 finite = bool(np.all(np.isfinite(got)) or np.array_equal(np.isfinite(got), np.isfinite(want)))
                 abs_error = float(np.nanmax(diff)) if diff.size else 0.0
                 rel_error = float(np.nanmax(diff / (np.abs(want) + 1e-12))) if diff.size else 0.0
-                ok = finite and bool(np.all(diff <= atol + rtol * np.abs(want)))
+                scale = float(np.max(np.abs(want), initial=0.0)) if scaled_atol else 1.0
+                ok = finite and bool(np.all(diff <= atol * scale + rtol * np.abs(want)))
                 report.checks.append(OutputCheck(name, spec.name, batch, abs_error, rel_error, ok,
                                                  "" if finite else "non-finite values where the reference has none"))
     return report

@@ -27,7 +27,7 @@ from mann_edge.files import check_writable_dir
 from mann_edge.graph.model import CompactModel
 from mann_edge.sources import load_source
 
-__all__ = ["convert", "verify", "ConvertResult", "DEFAULT_FORMATS", "BUNDLE_NAME"]
+__all__ = ["convert", "verify", "output_paths", "ConvertResult", "DEFAULT_FORMATS", "BUNDLE_NAME"]
 
 DEFAULT_FORMATS = ("tflite", "onnx", "coreml")
 BUNDLE_NAME = "model.mann"
@@ -71,6 +71,17 @@ def artifact_path(out_dir: "str | os.PathLike", format: str, options: Mapping | 
     return Path(out_dir) / converters.artifact_name(format, **dict(options or {}))
 
 
+def output_paths(out_dir: "str | os.PathLike", formats: Sequence[str], options: Mapping[str, Mapping] | None = None,
+                 *, force: bool = False) -> dict[str, Path]:
+    """Where `convert` writes the bundle and each format; OutputExistsError if any exists and not ``force``."""
+    options = options or {}
+    paths = {name: artifact_path(out_dir, name, options.get(name)) for name in ["mann", *formats]}
+    existing = [str(path) for path in paths.values() if path.exists()]
+    if existing and not force:
+        raise OutputExistsError(f"{', '.join(existing)} already exist; pass force=True (--force) to overwrite")
+    return paths
+
+
 def convert(
     source,
     out_dir: "str | os.PathLike",
@@ -109,10 +120,7 @@ def convert(
     for name in [*formats, *options]:
         converters.get(name)  # unknown formats fail here, before any work
     out_dir = check_writable_dir(out_dir, create=True)
-    paths = {name: artifact_path(out_dir, name, options.get(name)) for name in ["mann", *formats]}
-    existing = [str(path) for path in paths.values() if path.exists()]
-    if existing and not force:
-        raise OutputExistsError(f"{', '.join(existing)} already exist; pass force=True (--force) to overwrite")
+    paths = output_paths(out_dir, formats, options, force=force)
 
     steps = len(paths) + 1
     say(f"[1/{steps}] loading {source if isinstance(source, (str, os.PathLike)) else type(source).__name__}")
@@ -170,6 +178,20 @@ def verify_artifact(model: CompactModel, path: "str | os.PathLike", format: str,
     session = BundleSession(path)
     atol, rtol = tolerances("float32")
     return compare(model, session.run, format="mann", artifact=str(path), atol=atol, rtol=rtol, tasks=tasks)
+
+
+def exported_sizes(out_dir: "str | os.PathLike") -> dict[str, int]:
+    """Bytes of each format's export that `convert` left in ``out_dir`` (default names), by format."""
+    sizes = {}
+    for format in DEFAULT_FORMATS:
+        names = {converters.artifact_name(format)}
+        if format == "coreml":
+            names.add(converters.artifact_name(format, target="macOS15"))
+        for name in sorted(names):
+            path = Path(out_dir) / name
+            if path.exists():
+                sizes[format] = _bytes(path)
+    return sizes
 
 
 def _remove(path: Path) -> None:

@@ -7,9 +7,12 @@ on bad input (the traceback only with ``--debug``), 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
+import threading
 from typing import Callable, Sequence
 
 from mann_edge._version import __version__
@@ -30,19 +33,64 @@ def _csv(value: str | None) -> list[str] | None:
 
 @command
 def cmd_inspect(args) -> int:
-    from mann_edge.inspection import format_report, inspect
+    from mann_edge.inspection import format_report, report_of
+    from mann_edge.sources import load_source
 
-    report = inspect(args.path, _csv(args.task_names))
+    model = load_source(args.path, _csv(args.task_names))
+    report = report_of(model, args.path)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
+    if args.plot:
+        from mann_edge.api import exported_sizes
+        from mann_edge.plotting import plot_masks
+
+        sizes = {"dense float32 weights": report["total"]["dense_bytes"], "CSR weights": report["total"]["bytes"],
+                 **exported_sizes(os.path.dirname(os.path.abspath(args.path)))}
+        print(f"wrote {plot_masks(model, args.plot, formats_bytes=sizes, force=args.force)}", file=sys.stderr)
     return 0
+
+
+@command
+def cmd_convert(args) -> int:
+    from mann_edge.api import convert, print_progress
+
+    options = {"coreml": {"target": args.coreml_target}} if args.coreml_target else None
+    result = convert(
+        args.source, args.out, formats=_csv(args.to), tasks=_csv(args.tasks), task_names=_csv(args.task_names),
+        dtype=args.dtype, force=args.force, verify=not args.no_verify, options=options, progress=print_progress,
+    )
+    if args.json:
+        print(json.dumps({"artifacts": {k: str(v) for k, v in result.artifacts.items()}, "table": result.table,
+                          "seconds": result.seconds}, indent=1))
+    else:
+        print(result.format_table())
+    return 0
+
+
+@command
+def cmd_verify(args) -> int:
+    from mann_edge.api import verify
+
+    report = verify(args.artifact, args.against, tasks=_csv(args.tasks), task_names=_csv(args.task_names))
+    for check in report.checks:
+        status = "ok" if check.ok else f"MISMATCH {check.problem}".strip()
+        print(f"{check.task:<16} {check.output:<20} batch {check.batch:<3} max abs error {check.max_abs_error:.2e}  {status}")
+    report.raise_for_errors()
+    print(f"{args.artifact}: every task matches {args.against} (max abs error {report.max_abs_error:.2e})")
+    return 0
+
+
+@command
+def cmd_bench(args) -> int:
+    from mann_edge.benchmark import run
+
+    return run(args)
 
 
 @command
 def cmd_demo(args) -> int:
     from mann_edge.demo import run_demo
 
-    run_demo(args)
-    return 0
+    return run_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +107,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-names", help="comma-separated names for the tasks (in output order)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    p = sub.add_parser("demo", help="train a small sample MANN with RSN2 and show what mann-edge does with it")
-    p.add_argument("--out", default="mann-edge-demo", help="directory for the demo's files (default: %(default)s)")
+    p.add_argument("--plot", metavar="OUT.png", help="also draw the masks by task and the bytes into a PNG")
+    p.add_argument("--force", action="store_true", help="overwrite an existing plot")
+
+    p = sub.add_parser("convert", help="compact a model and export it to TFLite, ONNX and Core ML, verified")
+    p.add_argument("source", help="a .keras, legacy .h5 or .mann file")
+    p.add_argument("-o", "--out", required=True, help="output directory (made if missing)")
+    p.add_argument("--to", default="tflite,onnx,coreml", help="formats, comma-separated (default: %(default)s)")
+    p.add_argument("--tasks", help="export only these tasks, comma-separated")
+    p.add_argument("--task-names", help="comma-separated names for the source's tasks (in output order)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "int8"),
+                   help="stored weight values (int8: TFLite only; default: %(default)s)")
+    p.add_argument("--coreml-target", help="Core ML deployment target, e.g. macOS13 (default), iOS16, macOS15 (multifunction)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--no-verify", action="store_true", help="skip running each export against the compact model")
+    p.add_argument("--json", action="store_true", help="print the artifacts and table as JSON")
+
+    p = sub.add_parser("verify", help="run an export against the model it came from, every task")
+    p.add_argument("artifact", help="a .mann, .tflite, ONNX export or Core ML export")
+    p.add_argument("--against", required=True, help="the source: a .keras, legacy .h5 or .mann file")
+    p.add_argument("--tasks", help="check only these tasks, comma-separated")
+    p.add_argument("--task-names", help="comma-separated names for the source's tasks (in output order)")
+
+    p = sub.add_parser("bench", help="benchmark the runtime against dense ONNX Runtime and LiteRT (paper-scale model)")
+    from mann_edge.benchmark import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+
+    p = sub.add_parser("demo", help="take a shipped sample MANN through compaction, every export and a prediction per task")
+    from mann_edge.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
     return parser
+
+
+# TensorFlow's C++ start-up notices (absl, oneDNN, CPU features) ignore TF_CPP_MIN_LOG_LEVEL.
+_NATIVE_NOISE = re.compile(
+    rb"^(WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} [\d:.]+\s+\d+ \S+:\d+\] "
+    rb"|To enable the following instructions:)"
+)
+
+
+@contextlib.contextmanager
+def _without_native_log_noise():
+    """Passes what is written to file descriptor 2 through, minus TensorFlow's native info and warning lines."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward():
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not _NATIVE_NOISE.match(line):
+                    os.write(terminal, line)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)  # closes the pipe's write end: the thread reads to the end and stops
+        thread.join(timeout=10)
+        os.close(terminal)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        return COMMANDS[args.command](args)
+        with contextlib.nullcontext() if args.debug else _without_native_log_noise():
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("mann-edge: interrupted", file=sys.stderr)
         return 130

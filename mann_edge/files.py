@@ -37,6 +37,8 @@ def atomic_output(path: "str | os.PathLike", *, force: bool = False, directory: 
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+    # mkstemp/mkdtemp make private (0600/0700) paths; outputs get the permissions of any new file.
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -53,6 +55,12 @@ def atomic_output(path: "str | os.PathLike", *, force: bool = False, directory: 
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_writable_dir(directory: "str | os.PathLike", *, create: bool = False) -> Path:

@@ -5,9 +5,12 @@ after the task's specs) and the model's manifest in its metadata (``mann_edge_ma
 from which the tasks are rebuilt. The metadata is read straight from the flatbuffer with
 ``ai_edge_litert.schema_py_generated``; TensorFlow is never imported.
 
-With ``use_xnnpack=True`` (the default) LiteRT applies its XNNPACK delegate; with
-``False`` only the builtin kernels run (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``), the
-fallback when a delegate computes something wrong.
+With ``use_xnnpack=True`` LiteRT applies its XNNPACK delegate; with ``False`` only the
+builtin kernels run (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``), the fallback when a delegate
+computes something wrong. By default the session follows the file: an export records
+``mann_edge_use_xnnpack = false`` when its verification found XNNPACK wrong and the
+builtin kernels right (int8 1x16 block-sparse weights on LiteRT 2.3, x86), and XNNPACK
+is on otherwise.
 
 Example:
     >>> sess = LiteRTSession("out/model.tflite")
@@ -38,15 +41,19 @@ __all__ = [
     "LiteRTSession",
     "METADATA_MANIFEST",
     "METADATA_DTYPE",
+    "METADATA_USE_XNNPACK",
     "FILE_IDENTIFIER",
     "read_metadata",
     "read_manifest",
+    "xnnpack_recorded",
     "builtin_operators",
     "captured_stderr",
 ]
 
 METADATA_MANIFEST = "mann_edge_manifest"
 METADATA_DTYPE = "mann_edge_dtype"
+# b"false" when the export's verification found the XNNPACK delegate wrong on it; absent or b"true": XNNPACK is fine.
+METADATA_USE_XNNPACK = "mann_edge_use_xnnpack"
 FILE_IDENTIFIER = b"TFL3"
 
 T = TypeVar("T")
@@ -158,7 +165,10 @@ def read_manifest(path: "str | os.PathLike") -> dict:
         >>> read_manifest("model.tflite")["tasks"][0]["name"]
         'digits'
     """
-    metadata = read_metadata(path)
+    return _manifest_of(path, read_metadata(path))
+
+
+def _manifest_of(path: "str | os.PathLike", metadata: dict[str, bytes]) -> dict:
     if METADATA_MANIFEST not in metadata:
         raise MannEdgeError(
             f"{path} is a TFLite model without the '{METADATA_MANIFEST}' metadata entry, so not a mann-edge "
@@ -168,6 +178,16 @@ def read_manifest(path: "str | os.PathLike") -> dict:
         return json.loads(metadata[METADATA_MANIFEST].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MannEdgeError(f"{path}: metadata entry '{METADATA_MANIFEST}' is not valid JSON ({error})") from None
+
+
+def xnnpack_recorded(metadata: dict[str, bytes]) -> bool:
+    """Whether a file's metadata (`read_metadata`) lets XNNPACK run it: False only when its export recorded so.
+
+    Example:
+        >>> xnnpack_recorded(read_metadata("model_int8.tflite"))
+        False
+    """
+    return metadata.get(METADATA_USE_XNNPACK, b"true").strip().lower() != b"false"
 
 
 def builtin_operators(path: "str | os.PathLike") -> list[str]:
@@ -207,7 +227,9 @@ class LiteRTSession(Session):
     Args:
         path: the ``.tflite`` file.
         threads: LiteRT's thread count (None: LiteRT's default, one thread).
-        use_xnnpack: False runs the builtin kernels only, without the default XNNPACK delegate.
+        use_xnnpack: False runs the builtin kernels only, without the default XNNPACK delegate;
+            None (the default) does what the file's ``mann_edge_use_xnnpack`` entry says
+            (XNNPACK on when it has none).
 
     Raises:
         MannEdgeError: the file is not a TFLite model, has no mann-edge manifest, or lacks
@@ -221,12 +243,13 @@ class LiteRTSession(Session):
 
     backend = "litert"
 
-    def __init__(self, path: "str | os.PathLike", threads: int | None = None, use_xnnpack: bool = True):
+    def __init__(self, path: "str | os.PathLike", threads: int | None = None, use_xnnpack: bool | None = None):
         path = Path(path)
-        tasks = tasks_from_manifest(read_manifest(path), path)
+        metadata = read_metadata(path)
+        tasks = tasks_from_manifest(_manifest_of(path, metadata), path)
         super().__init__(path, tasks)
-        self.use_xnnpack = use_xnnpack
-        self.interpreter = _open_interpreter(path, threads, use_xnnpack)
+        self.use_xnnpack = xnnpack_recorded(metadata) if use_xnnpack is None else bool(use_xnnpack)
+        self.interpreter = _open_interpreter(path, threads, self.use_xnnpack)
         self._check_signatures(self.interpreter.get_signature_list())
         self._runners: dict[str, object] = {}
 

@@ -396,3 +396,12 @@ def test_a_keras_file_with_a_lambda_layer_is_refused(tmp_path):
     model.save(path)
     with pytest.raises(MannEdgeError, match="lambda.keras"):
         mann_edge.inspect(path)
+
+
+def test_outputs_get_the_permissions_of_any_new_file(tmp_path, multiconv_compact):
+    import os
+
+    path = multiconv_compact.save(tmp_path / "perm.mann")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask

@@ -1,0 +1,207 @@
+"""Training the sample MANNs with RSN2: what `sample_models/train.py` and `mann-edge demo --train` run.
+
+For each sample: a dense twin (same layers, same seed, each task trained on all of
+its own slab, nothing pruned) gives the dense test accuracy; then `fit_rsn2`
+trains and prunes the sample task by task towards 90 % per task. The record
+beside the model holds both test accuracies, RSN2's validation figures and the
+sparsity reached per task and per multitask layer. Data: scikit-learn's bundled
+digits and breast cancer sets and a generated sentiment corpus, split as
+`mann_edge.samples.sample_data` does (nothing downloads). Seeds are fixed and
+TensorFlow runs with op determinism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mann_edge import rsn2, samples
+from mann_edge.files import atomic_output
+from mann_edge.layers import MULTITASK_LAYERS, MaskedConv2D, MaskedDense, MultiMaskedDense, SelectorLayer
+
+__all__ = ["build", "train_sample", "main", "RSN2"]
+
+HIDDEN = 128
+EMBEDDING = 16
+# RSN2 settings, the same for every task of every sample.
+RSN2 = {"sparsity": 90, "step": 10, "tolerance": 0.02, "epochs": 30, "prune_epochs": 6, "batch_size": 32,
+        "learning_rate": 1e-3}
+INIT = "glorot_uniform"
+
+
+# -- the models ----------------------------------------------------------------------------------
+
+
+def digits_branch() -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """8x8x1 digit images -> two convolutions with pooling -> a HIDDEN-wide vector."""
+    image = keras.Input((8, 8, 1), name="digits_image")
+    # The first convolution (144 weights) stays dense: at 90 % its 16 filters would share 14 weights.
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", kernel_initializer=INIT, name="digits_conv_1")(image)
+    x = keras.layers.MaxPooling2D(2, name="digits_pool_1")(x)  # 4x4x16
+    x = MaskedConv2D(32, 3, padding="same", activation="relu", kernel_initializer=INIT, name="digits_conv_2")(x)
+    x = keras.layers.MaxPooling2D(2, name="digits_pool_2")(x)  # 2x2x32
+    x = keras.layers.Flatten(name="digits_flatten")(x)
+    return image, MaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name="digits_dense")(x)
+
+
+def cancer_branch() -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """30 standardised features -> a HIDDEN-wide vector."""
+    features = keras.Input((30,), name="cancer_features")
+    return features, MaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name="cancer_dense")(features)
+
+
+def sentiment_branch() -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """Token ids -> embedding -> flattened (word order matters: negations) -> a HIDDEN-wide vector."""
+    tokens = keras.Input((samples.TOKENS,), dtype="int32", name="review_tokens")
+    x = keras.layers.Embedding(len(samples.VOCABULARY), EMBEDDING, name="embedding")(tokens)
+    x = keras.layers.Flatten(name="review_flatten")(x)
+    return tokens, MaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name="review_dense")(x)
+
+
+BRANCHES = {"digits": digits_branch, "cancer": cancer_branch, "sentiment": sentiment_branch}
+CLASSES = {"digits": 10, "cancer": 2, "sentiment": 2}
+DATA = {
+    "digits": "sklearn.datasets.load_digits, images / 16 as (8, 8, 1)",
+    "cancer": "sklearn.datasets.load_breast_cancer, standardised with the train split's mean and std",
+    "sentiment": f"generated: mann_edge.samples.sentiment_corpus({samples.CORPUS_SIZE}, seed={samples.SEED})",
+}
+
+
+def build(name: str, seed: int = samples.SEED) -> keras.Model:
+    """The sample's MANN: one branch per task into two shared MultiMaskedDense layers, one head per task."""
+    keras.utils.set_random_seed(seed)
+    tasks = samples.sample_tasks(name)
+    inputs, features = zip(*(BRANCHES[task]() for task in tasks))
+    h = MultiMaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name="shared_1")(list(features))
+    h = MultiMaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name="shared_2")(h)
+    outputs = [
+        MaskedDense(CLASSES[task], activation="softmax", kernel_initializer=INIT, name=task)(
+            SelectorLayer(i, name=f"select_{task}")(h)
+        )
+        for i, task in enumerate(tasks)
+    ]
+    return keras.Model(list(inputs), outputs, name=name)
+
+
+# -- training and measuring ----------------------------------------------------------------------
+
+
+def train_dense(name: str, data: dict) -> keras.Model:
+    """The dense twin: each task trains on its own full slabs, nothing pruned (the accuracy to compare with)."""
+    model = build(name)
+    done = []
+    for task in samples.sample_tasks(name):
+        d = data[task]
+        rsn2.train_task(model, task, d.x_train, d.y_train, epochs=RSN2["epochs"], batch_size=RSN2["batch_size"],
+                        learning_rate=RSN2["learning_rate"], protect=done, seed=samples.SEED)
+        done.append(task)
+    return model
+
+
+def multitask_sparsity(model: keras.Model, tasks) -> dict:
+    """Per task, per multitask layer: the fraction of that task's kernel slab that is pruned."""
+    result = {task: {} for task in tasks}
+    for layer in model.layers:
+        if isinstance(layer, MULTITASK_LAYERS) and getattr(layer, "masked", False):
+            mask = layer.get_masks()[0]
+            for slab, task in enumerate(tasks):
+                result[task][layer.name] = float(1.0 - mask[slab].mean())
+    return result
+
+
+def save_keras(model: keras.Model, path: Path, force: bool) -> None:
+    # Keras picks the format from the file name, so save under the final name in a scratch
+    # directory, then move it into place atomically.
+    with atomic_output(path, force=force) as tmp, tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / path.name
+        model.save(staged)
+        shutil.copyfile(staged, tmp)
+
+
+def train_sample(name: str, out_dir: Path, *, force: bool = False) -> dict:
+    """Trains sample ``name``, writes ``<name>.keras`` and ``<name>.json`` into ``out_dir``; returns the record."""
+    model_path, record_path = out_dir / f"{name}.keras", out_dir / f"{name}.json"
+    for path in (model_path, record_path):
+        if path.exists() and not force:
+            raise SystemExit(f"{path} already exists; pass --force to retrain and overwrite it")
+    tasks = samples.sample_tasks(name)
+    data = samples.sample_data(name)
+    start = time.perf_counter()
+
+    print(f"== {name}: dense twin", file=sys.stderr, flush=True)
+    dense = train_dense(name, data)
+    dense_accuracy = {task: samples.accuracy(dense, task, data[task].x_test, data[task].y_test) for task in tasks}
+
+    print(f"== {name}: RSN2", file=sys.stderr, flush=True)
+    model = build(name)
+    report = rsn2.fit_rsn2(
+        model,
+        {task: (data[task].x_train, data[task].y_train, data[task].x_val, data[task].y_val) for task in tasks},
+        **RSN2, seed=samples.SEED,
+    )
+    seconds = time.perf_counter() - start
+    pruned_accuracy = {task: samples.accuracy(model, task, data[task].x_test, data[task].y_test) for task in tasks}
+    layer_sparsity = multitask_sparsity(model, tasks)
+
+    record = {
+        "sample": name,
+        "model": model_path.name,
+        "tasks": {
+            task: {
+                "test_samples": int(len(data[task].y_test)),
+                "test_accuracy_dense": dense_accuracy[task],
+                "test_accuracy_pruned": pruned_accuracy[task],
+                "val_accuracy_dense": float(t.dense),
+                "val_accuracy_pruned": float(t.pruned),
+                "sparsity": float(t.sparsity) / 100,  # of all the task's masked kernel positions
+                "multitask_sparsity": layer_sparsity[task],
+                "layer_sparsity": {layer: float(value) / 100 for layer, value in t.layers.items()},
+            }
+            for task, t in zip(tasks, report.tasks)
+        },
+        "data": {**{task: DATA[task] for task in tasks},
+                 "split": f"stratified: test {samples.TEST_SIZE} of all, val {samples.VAL_SIZE} of the rest, "
+                          f"random_state={samples.SEED} (mann_edge.samples.sample_data)"},
+        "rsn2": dict(RSN2),
+        "seed": samples.SEED,
+        "train_seconds": round(seconds, 1),
+        "versions": {"keras": keras.__version__, "tensorflow": tf.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+    }
+    if "sentiment" in tasks:
+        record["corpus_sha256"] = samples.corpus_sha256()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_keras(model, model_path, force)
+    with atomic_output(record_path, force=force) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"== {name}: {seconds:.0f} s, {model_path.stat().st_size / 1e6:.2f} MB", file=sys.stderr, flush=True)
+    for task in tasks:
+        t = record["tasks"][task]
+        print(f"   {task:<10} test accuracy dense {t['test_accuracy_dense']:.4f}  pruned {t['test_accuracy_pruned']:.4f}"
+              f"  sparsity {t['sparsity']:.3f}  multitask {t['multitask_sparsity']}", file=sys.stderr)
+    return record
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(samples.SAMPLES), action="append", help="train only this sample")
+    parser.add_argument("--out", type=Path, default=samples.SAMPLES_DIR, help="output directory")
+    parser.add_argument("--force", action="store_true", help="overwrite existing samples")
+    args = parser.parse_args(argv)
+    tf.config.experimental.enable_op_determinism()
+    for name in args.only or list(samples.SAMPLES):
+        train_sample(name, args.out, force=args.force)
+
+
+if __name__ == "__main__":
+    main()
