@@ -178,9 +178,12 @@ def read_layout(path: "str | os.PathLike") -> PackageLayout:
     manifest_text, dtype, entries = None, None, {}
     for package in package_paths(path):
         try:
-            metadata = ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata
+            model = ct.models.MLModel(str(package), skip_model_load=True)
         except Exception as error:  # coremltools raises protobuf, OS and its own errors alike
             raise BundleError(f"Core ML package {package} cannot be read ({error}); truncated or corrupt?") from None
+        if model.get_spec().WhichOneof("Type") is None:  # an empty protobuf parses as an empty model
+            raise BundleError(f"Core ML package {package} holds no model; its model.mlmodel is empty or truncated")
+        metadata = model.user_defined_metadata
         for key in (METADATA_MANIFEST, METADATA_TASKS, METADATA_DTYPE):
             if key not in metadata:
                 raise BundleError(f"Core ML package {package} has no '{key}' metadata; it was not written by mann-edge")
