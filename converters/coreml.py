@@ -57,6 +57,7 @@ import numpy as np
 
 from mann_edge.bundle import manifest_of
 from mann_edge.converters.validation import ValidationReport, compare, tolerances
+from mann_edge.converters.lowering import check_nodes
 from mann_edge.errors import ConversionError
 from mann_edge.files import atomic_output
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE, normalize_activation
@@ -263,21 +264,9 @@ def _static_dims(var, node: Node, what: str) -> list[int]:
 
 
 def check_lowerings(model: CompactModel, tasks: Sequence[str]) -> None:
-    """ConversionError naming the first op (and node) without a lowering, or activation without one."""
-    for name in tasks:
-        for node in model.task_nodes(name):
-            if node.op not in LOWERINGS:
-                raise ConversionError(
-                    f"Core ML export: op type {node.op!r} (node '{node.name}', task {name!r}) has no Core ML lowering. "
-                    f"Supported ops: {sorted(LOWERINGS)}"
-                )
-            if "activation" in node.attrs:
-                activation = normalize_activation(node.attrs["activation"])["name"]
-                if activation not in ACTIVATION_LOWERINGS:
-                    raise ConversionError(
-                        f"Core ML export: activation {activation!r} (node '{node.name}') has no Core ML lowering. "
-                        f"Supported activations: {sorted(ACTIVATION_LOWERINGS)}"
-                    )
+    """ConversionError naming the first op (and node) of ``tasks`` without a lowering, or activation without one."""
+    nodes = {node.name: node for name in tasks for node in model.task_nodes(name)}
+    check_nodes("Core ML", nodes.values(), LOWERINGS, ACTIVATION_LOWERINGS)
 
 
 @dataclass

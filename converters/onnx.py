@@ -57,6 +57,7 @@ import numpy as np
 from mann_edge._version import __version__
 from mann_edge.bundle import manifest_of
 from mann_edge.converters.validation import ValidationReport, compare, tolerances
+from mann_edge.converters.lowering import check_nodes
 from mann_edge.errors import ConversionError
 from mann_edge.files import atomic_output
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE, normalize_activation
@@ -125,26 +126,8 @@ def activation_lowering(name: str):
 
 
 def check_lowerings(model: CompactModel) -> None:
-    """Raises ConversionError naming the first op or activation of ``model`` without an ONNX lowering.
-
-    Example:
-        >>> check_lowerings(cm)   # silent when every node can be lowered
-    """
-    for node in model.nodes:
-        if node.op not in LOWERINGS:
-            raise ConversionError(
-                f"ONNX export cannot lower op type {node.op!r} (node '{node.name}'). Supported ops: {sorted(LOWERINGS)}"
-            )
-        if "activation" in node.attrs:
-            try:
-                name = normalize_activation(node.attrs["activation"])["name"]
-            except ValueError as error:
-                raise ConversionError(f"ONNX export: node '{node.name}': {error}") from None
-            if name not in ACTIVATION_LOWERINGS:
-                raise ConversionError(
-                    f"ONNX export cannot lower activation {name!r} (node '{node.name}'). "
-                    f"Supported activations: {sorted(ACTIVATION_LOWERINGS)}"
-                )
+    """Raises ConversionError naming the first op or activation of ``model`` without an ONNX lowering."""
+    check_nodes("ONNX", model.nodes, LOWERINGS, ACTIVATION_LOWERINGS)
 
 
 # -- the weight encoding -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Callable, Mapping
 import numpy as np
 import tensorflow as tf
 
+from mann_edge.converters.lowering import check_nodes
 from mann_edge.errors import ConversionError
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE, normalize_activation
 from mann_edge.graph.model import CompactModel, Node, Task
@@ -86,27 +87,8 @@ def activation_lowering(name: str):
 
 
 def check_lowerings(model: CompactModel) -> None:
-    """Raises ConversionError naming the first op or activation of ``model`` that has no lowering.
-
-    Example:
-        >>> check_lowerings(cm)   # silent when every node can be lowered
-    """
-    for node in model.nodes:
-        if node.op not in LOWERINGS:
-            raise ConversionError(
-                f"TFLite export cannot lower op type {node.op!r} (node '{node.name}'). "
-                f"Supported ops: {sorted(LOWERINGS)}"
-            )
-        if "activation" in node.attrs:
-            try:
-                name = normalize_activation(node.attrs["activation"])["name"]
-            except ValueError as error:
-                raise ConversionError(f"TFLite export: node '{node.name}': {error}") from None
-            if name not in ACTIVATION_LOWERINGS:
-                raise ConversionError(
-                    f"TFLite export cannot lower activation {name!r} (node '{node.name}'). "
-                    f"Supported activations: {sorted(ACTIVATION_LOWERINGS)}"
-                )
+    """Raises ConversionError naming the first op or activation of ``model`` that has no lowering."""
+    check_nodes("TFLite", model.nodes, LOWERINGS, ACTIVATION_LOWERINGS)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 
 from mann_edge import converters
 from mann_edge.converters.validation import ValidationReport, compare, tolerances
-from mann_edge.errors import ConversionError, OutputExistsError, ValidationError
+from mann_edge.errors import OutputExistsError
 from mann_edge.files import check_writable_dir
 from mann_edge.graph.model import CompactModel
 from mann_edge.sources import load_source

@@ -170,3 +170,25 @@ def test_verify_api_reports_every_task(tmp_path, legacy_compacts):
         warnings.simplefilter("ignore", MaskOverlapWarning)
         report = verify(path, zoo.LEGACY / "mann_conv.h5", task_names=["task0", "task1"])
     assert report.ok and {c.task for c in report.checks} == {"task0", "task1"}
+
+
+@pytest.mark.parametrize("name", ["vision_tabular", "vision_text"])
+def test_trained_sample_models_match_keras_on_every_backend(name, tmp_path):
+    """The shipped RSN2-trained samples (convolutions, pooling, an embedding): every backend equals Keras."""
+    import keras
+
+    from mann_edge import samples
+
+    model = keras.models.load_model(samples.sample_path(name))
+    result = convert(samples.sample_path(name), tmp_path, task_names=samples.sample_tasks(name))
+    data = samples.sample_data(name)
+    for index, task in enumerate(samples.sample_tasks(name)):
+        for batch in (1, 32):
+            x = data[task].x_test[:batch]
+            feed = [np.zeros((batch, *kt.shape[1:]), kt.dtype) for kt in model.inputs]
+            feed[[kt.name for kt in model.inputs].index(result.model.task(task).inputs[0].name)] = x
+            expected = zoo.keras_outputs(model, feed)[index]
+            for format in ("mann", "tflite", "onnx"):
+                (got,) = mann_edge.runtime.load(result.artifacts[format]).run(task, x)
+                np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"{name} {task} {format}")
+    assert result.reports["coreml"].ok

@@ -8,7 +8,6 @@ half-written under a final name.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import shutil

@@ -26,7 +26,6 @@ from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError, 
 from mann_edge.graph.activations import ACTIVATIONS
 from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
 from mann_edge.graph.ops import OPS
-from mann_edge.layers import MultiMaskedDense, SelectorLayer
 from mann_edge.converters import validation
 from mann_edge.runtime.litert import (
     METADATA_DTYPE,
