@@ -92,6 +92,7 @@ def convert(
     dtype: str = "float32",
     force: bool = False,
     verify: bool = True,
+    strict: bool = False,
     options: Mapping[str, Mapping] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ConvertResult:
@@ -107,6 +108,7 @@ def convert(
         force: overwrite existing outputs (otherwise refused before any work starts).
         verify: run each artifact against the compact model; a mismatch raises ValidationError
             and removes the artifact.
+        strict: refuse a source whose tasks' masks overlap (otherwise a MaskOverlapWarning).
         options: extra keyword options per format, e.g. ``{"coreml": {"target": "macOS15"}}``.
         progress: called with one line per step (the command prints them to stderr).
 
@@ -124,7 +126,7 @@ def convert(
 
     steps = len(paths) + 1
     say(f"[1/{steps}] loading {source if isinstance(source, (str, os.PathLike)) else type(source).__name__}")
-    model = load_source(source, task_names)
+    model = load_source(source, task_names, strict=strict)
     if tasks:
         model = model.select_tasks(tasks)
     result = ConvertResult(out_dir, model)

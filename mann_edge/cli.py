@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from typing import Callable, Sequence
 
 from mann_edge._version import __version__
@@ -56,7 +57,8 @@ def cmd_convert(args) -> int:
     options = {"coreml": {"target": args.coreml_target}} if args.coreml_target else None
     result = convert(
         args.source, args.out, formats=_csv(args.to), tasks=_csv(args.tasks), task_names=_csv(args.task_names),
-        dtype=args.dtype, force=args.force, verify=not args.no_verify, options=options, progress=print_progress,
+        dtype=args.dtype, force=args.force, verify=not args.no_verify, strict=args.strict, options=options,
+        progress=print_progress,
     )
     if args.json:
         print(json.dumps({"artifacts": {k: str(v) for k, v in result.artifacts.items()}, "table": result.table,
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coreml-target", help="Core ML deployment target, e.g. macOS13 (default), iOS16, macOS15 (multifunction)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-verify", action="store_true", help="skip running each export against the compact model")
+    p.add_argument("--strict", action="store_true", help="refuse a model whose tasks' masks overlap (default: warn)")
     p.add_argument("--json", action="store_true", help="print the artifacts and table as JSON")
 
     p = sub.add_parser("verify", help="run an export against the model it came from, every task")
@@ -139,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(p)
     return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mann-edge: warning: {message}", file=sys.stderr)
 
 
 # TensorFlow's C++ start-up notices (absl, oneDNN, CPU features) ignore TF_CPP_MIN_LOG_LEVEL.
@@ -181,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    shown = warnings.showwarning
+    if not args.debug:
+        warnings.showwarning = _one_line_warning
     try:
         with contextlib.nullcontext() if args.debug else _without_native_log_noise():
             return COMMANDS[args.command](args)
@@ -193,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"mann-edge: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ __all__ = ["load_source", "SOURCE_SUFFIXES"]
 SOURCE_SUFFIXES = (".keras", ".h5", ".mann")
 
 
-def load_source(source, task_names: Sequence[str] | None = None) -> CompactModel:
+def load_source(source, task_names: Sequence[str] | None = None, *, strict: bool = False) -> CompactModel:
     """The compact model of ``source``: a path (`.keras`, `.h5`, `.mann`), a Keras model or a CompactModel.
+
+    ``strict``: refuse (instead of warn about) tasks whose masks overlap, when compacting.
 
     Example:
         >>> cm = load_source("mann_mlp.h5", task_names=["digits", "cancer"])
@@ -25,7 +27,7 @@ def load_source(source, task_names: Sequence[str] | None = None) -> CompactModel
     if not isinstance(source, (str, os.PathLike)):
         from mann_edge.compaction import compact
 
-        return compact(source, task_names)
+        return compact(source, task_names, strict=strict)
     path = Path(source)
     if not path.exists():
         raise MannEdgeError(f"Source {path} does not exist")
@@ -45,7 +47,7 @@ def load_source(source, task_names: Sequence[str] | None = None) -> CompactModel
         model = _load_keras(path)
     else:
         raise MannEdgeError(f"Source {path}: expected a {', '.join(SOURCE_SUFFIXES)} file")
-    return compact(model, task_names, source=path.name, source_sha256=sha256_file(path))
+    return compact(model, task_names, strict=strict, source=path.name, source_sha256=sha256_file(path))
 
 
 def _load_keras(path: Path):

@@ -192,3 +192,13 @@ def test_trained_sample_models_match_keras_on_every_backend(name, tmp_path):
                 (got,) = mann_edge.runtime.load(result.artifacts[format]).run(task, x)
                 np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"{name} {task} {format}")
     assert result.reports["coreml"].ok
+
+
+def test_overlapping_masks_warn_in_one_line_and_strict_refuses(tmp_path, capsys):
+    source = str(zoo.LEGACY / "mann_conv.h5")  # the original's conv bias masks overlap
+    assert main(["convert", source, "-o", str(tmp_path / "warned"), "--to", "onnx"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned and all(line.startswith("mann-edge: warning: Multitask layer") for line in warned)
+    assert main(["convert", source, "-o", str(tmp_path / "strict"), "--to", "onnx", "--strict"]) == 1
+    assert "not disjoint" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "strict" / "model.mann").exists()
