@@ -2,8 +2,11 @@
 
 The model is the paper's: 784 -> 6 x 1000 -> 10 per task, two tasks through `MultiMaskedDense`
 layers, each task's slabs 90 % pruned with RSN2 (magnitude masks; random weights serve, speed
-does not depend on their values). It is compacted, saved as a `.mann` bundle and exported to
-TFLite and ONNX (our sparse exports, and dense baselines with ``sparse=False``) and Core ML
+does not depend on their values), masked two ways (`MASKS`): unstructured (RSN2's default)
+and in 1x4 blocks (``block_size=4``: four consecutive inputs of one output unit kept or pruned
+together), which the bundle runs on its block kernels and LiteRT on TFLite's sparse
+FULLY_CONNECTED kernel (no DENSIFY). Each is compacted, saved as a `.mann` bundle and exported
+to TFLite and ONNX (our sparse exports, and dense baselines with ``sparse=False``) and Core ML
 (conversion time only: Core ML cannot predict off Apple platforms).
 
 Each backend is measured in a fresh subprocess through `mann_edge.runtime.load(path, threads=...)`,
@@ -16,7 +19,8 @@ Example:
     >>> result = run_benchmark(repeats=50, threads=(1,))
     >>> print(format_report(result))
 
-From the command line: ``python benchmarks/paper_scale.py --repeats 200`` (``--json`` for JSON).
+From the command line: ``python benchmarks/paper_scale.py --repeats 200`` (``--json`` for JSON,
+``--masks block4`` for one mask kind).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["run_benchmark", "format_report", "build_paper_model", "add_arguments", "run", "main", "BACKENDS"]
+__all__ = ["run_benchmark", "format_report", "build_paper_model", "add_arguments", "run", "main", "BACKENDS", "MASKS"]
 
 INPUTS = 784
 HIDDEN = (1000,) * 6
@@ -44,6 +48,9 @@ TASKS = ("task_a", "task_b")
 SPARSITY = 90
 BATCHES = (1, 32)
 SEED = 0
+
+# mask kind -> RSN2 block size (1: unstructured; 4: TFLite's 1x4 blocks)
+MASKS = {"unstructured": 1, "block4": 4}
 
 # name -> (artifact it runs, what it is, environment it runs with)
 BACKENDS = {
@@ -73,8 +80,11 @@ def _progress(message: str) -> None:
 # -- the model -----------------------------------------------------------------------------------
 
 
-def build_paper_model(seed: int = SEED):
+def build_paper_model(seed: int = SEED, block_size: int = 1):
     """The paper-scale Keras model: two tasks, 784 -> 6 x 1000 (ReLU) -> 10 (softmax), RSN2 masks at 90 %.
+
+    ``block_size`` 4 keeps or prunes 1x4 blocks (four consecutive inputs of one output unit) together;
+    1 (the default) masks unstructured.
 
     Example:
         >>> model = build_paper_model()
@@ -94,7 +104,7 @@ def build_paper_model(seed: int = SEED):
     h = MultiMaskedDense(CLASSES, activation="softmax", bias_initializer="random_normal", name="classes")(h)
     outputs = [SelectorLayer(i, name=name)(h) for i, name in enumerate(TASKS)]
     model = keras.Model(inputs, outputs, name="paper_scale")
-    mask_model(model, SPARSITY, method="magnitude")
+    mask_model(model, SPARSITY, method="magnitude", block_size=block_size)
     return model
 
 
@@ -261,31 +271,102 @@ def _cpu_name() -> str:
 
 
 def _ratios(backends: dict, threads_label: str) -> dict:
-    """Per task and batch: the bundle's speedup over the fastest dense peer and over the fastest other backend."""
+    """Per task and batch: the bundle's speedup over the fastest dense peer and over the fastest other
+    backend, and LiteRT on our sparse export against LiteRT dense."""
     rows = {}
+
+    def median(name, task, batch):
+        entry = backends.get(name, {}).get(threads_label)
+        return entry["tasks"][task][batch]["median_s"] if entry else None
+
+    def fastest(names, task, batch):
+        candidates = [(median(n, task, batch), n) for n in names if median(n, task, batch) is not None]
+        return min(candidates) if candidates else None
+
     bundle = backends.get("bundle", {}).get(threads_label)
     if not bundle:
         return rows
     for task, timings in bundle["tasks"].items():
         for batch, timing in timings.items():
-            def fastest(names):
-                candidates = [
-                    (backends[n][threads_label]["tasks"][task][batch]["median_s"], n)
-                    for n in names
-                    if backends.get(n, {}).get(threads_label)
-                ]
-                return min(candidates) if candidates else None
-
-            dense = fastest(DENSE_PEERS)
-            others = fastest([n for n in backends if not n.startswith("bundle")])
+            dense = fastest(DENSE_PEERS, task, batch)
+            others = fastest([n for n in backends if not n.startswith("bundle")], task, batch)
+            litert_dense, litert_export = median("litert_dense", task, batch), median("litert_export", task, batch)
             rows[f"{task}/b{batch}"] = {
                 "bundle_s": timing["median_s"],
                 "fastest_dense_peer": dense[1] if dense else None,
                 "speedup_vs_dense": dense[0] / timing["median_s"] if dense else None,
                 "fastest_peer": others[1] if others else None,
                 "speedup_vs_fastest": others[0] / timing["median_s"] if others else None,
+                "litert_export_vs_dense": litert_dense / litert_export if litert_dense and litert_export else None,
             }
     return rows
+
+
+def _check_names(names: Sequence[str], known, what: str) -> list[str]:
+    names = list(names)
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise ValueError(f"Unknown {what} {unknown or names}. {what.capitalize()}: {list(known)}")
+    return names
+
+
+def _measure_mask(mask: str, names, settings, repeats: int, directory: Path, seed: int) -> dict:
+    """Builds, compacts and exports the model masked as ``mask``, then measures ``names`` on it."""
+    import mann_edge
+    from mann_edge.sparse import weight_nnz
+
+    _progress(f"building the paper-scale model (784 -> 6x1000 -> 10, 2 tasks, 90 % pruned, {mask} masks) ...")
+    start = time.perf_counter()
+    cm = mann_edge.compact(build_paper_model(seed, MASKS[mask]), task_names=list(TASKS))
+    build_s = time.perf_counter() - start
+    paths, conversion, notes = _export_all(cm, directory)
+    kernel_nodes = [n for n in cm.task_nodes(TASKS[0]) if n.op == "dense"]
+    kernel_params = sum(int(np.prod(cm.weights[n.weights["kernel"]].shape)) for n in kernel_nodes)
+    kernel_nnz = sum(weight_nnz(cm.weights[n.weights["kernel"]]) for n in kernel_nodes)
+
+    measured: dict[str, dict] = {}
+    for name in names:
+        artifact = BACKENDS[name][0]
+        if artifact not in paths:
+            notes.append(f"{name}: not measured, its artifact {artifact!r} was not exported")
+            continue
+        for setting in settings:
+            _progress(f"measuring {name} on the {mask} model with {setting} thread(s) ...")
+            try:
+                measured.setdefault(name, {})[str(setting)] = _measure_in_subprocess(
+                    name, paths[artifact], setting, repeats, seed
+                )
+            except RuntimeError as error:
+                notes.append(str(error))
+
+    for by_threads in measured.values():  # how far each backend is from the reference ops
+        for entry in by_threads.values():
+            errors = []
+            for task in TASKS:
+                reference = cm.run(task, _inputs(INPUTS, max(BATCHES), seed))[0]
+                errors.append(float(np.max(np.abs(np.asarray(entry["outputs"][task]) - reference))))
+            entry["max_abs_error"] = max(errors)
+            del entry["outputs"]
+
+    return {
+        "model": {
+            "layers": f"{INPUTS} -> {len(HIDDEN)}x{HIDDEN[0]} -> {CLASSES}",
+            "tasks": list(TASKS),
+            "sparsity_percent": SPARSITY,
+            "mask": mask,
+            "block_size": MASKS[mask],
+            "kernel_params_per_task": kernel_params,
+            "kernel_nonzeros_per_task": kernel_nnz,
+            "task_stats": cm.task_stats(),
+            "build_and_compact_s": build_s,
+        },
+        "conversion_s": conversion,
+        "conversion_total_s": sum(conversion.get(k, 0.0) for k in ("tflite", "onnx", "coreml")),
+        "artifacts": {name: {"path": str(p), "bytes": _artifact_bytes(Path(p))} for name, p in paths.items()},
+        "backends": measured,
+        "ratios": {str(s): _ratios(measured, str(s)) for s in settings},
+        "notes": notes,
+    }
 
 
 def run_benchmark(
@@ -296,33 +377,31 @@ def run_benchmark(
     out_dir: "str | os.PathLike | None" = None,
     backends: Sequence[str] | None = None,
     seed: int = SEED,
+    masks: Sequence[str] | None = None,
 ) -> dict:
-    """Builds, compacts and exports the paper-scale model, then measures every backend.
+    """Builds, compacts and exports the paper-scale model per mask kind, then measures every backend on each.
 
     Args:
         repeats: timed runs per task and batch size (the median is reported).
         threads: thread settings to measure; None means all cores (``os.cpu_count()``).
         json: return only JSON types (lists, not tuples): what ``--json`` prints.
-        out_dir: where the bundle and exports go (kept); None: a temporary directory.
+        out_dir: where the bundles and exports go (kept, one folder per mask kind); None: a temporary directory.
         backends: names from `BACKENDS` to measure (default: all).
         seed: seed of the weights, masks and inputs.
+        masks: mask kinds from `MASKS` (default: all, unstructured and block4).
 
     Returns:
-        A dict: ``model`` (sizes), ``conversion_s``, ``artifacts`` (path, bytes), ``backends``
-        (name -> threads label -> measurements), ``ratios``, ``notes``, ``machine``.
+        A dict: ``masks`` (mask kind -> ``model`` (sizes), ``conversion_s``, ``artifacts`` (path,
+        bytes), ``backends`` (name -> threads label -> measurements), ``ratios`` (threads label ->
+        task/batch -> speedups), ``notes``), ``threads``, ``repeats``, ``machine``.
 
     Example:
-        >>> result = run_benchmark(repeats=20, threads=(1,), backends=["bundle", "litert_dense"])
-        >>> result["ratios"]["1"]["task_a/b1"]["speedup_vs_dense"] > 1
+        >>> result = run_benchmark(repeats=20, threads=(1,), backends=["bundle", "litert_dense"], masks=["block4"])
+        >>> result["masks"]["block4"]["ratios"]["1"]["task_a/b1"]["speedup_vs_dense"] > 1
         True
     """
-    import mann_edge
-    from mann_edge.sparse import weight_nnz
-
-    names = list(BACKENDS) if backends is None else list(backends)
-    unknown = sorted(set(names) - set(BACKENDS))
-    if unknown:
-        raise ValueError(f"Unknown backends {unknown}. Backends: {sorted(BACKENDS)}")
+    names = _check_names(list(BACKENDS) if backends is None else backends, BACKENDS, "backends")
+    mask_names = _check_names(list(MASKS) if masks is None else masks, MASKS, "masks")
     if repeats < 1:
         raise ValueError(f"`repeats` must be a positive int. Received: repeats={repeats!r}")
     cores = os.cpu_count() or 1
@@ -330,74 +409,27 @@ def run_benchmark(
 
     with tempfile.TemporaryDirectory(prefix="mann_edge_bench_") as scratch:
         directory = Path(out_dir) if out_dir is not None else Path(scratch)
-        directory.mkdir(parents=True, exist_ok=True)
-        _progress("building the paper-scale model (784 -> 6x1000 -> 10, 2 tasks, 90 % pruned) ...")
-        start = time.perf_counter()
-        cm = mann_edge.compact(build_paper_model(seed), task_names=list(TASKS))
-        build_s = time.perf_counter() - start
-        paths, conversion, notes = _export_all(cm, directory)
-        stats = cm.task_stats()
-        kernel_nodes = [n for n in cm.task_nodes(TASKS[0]) if n.op == "dense"]
-        kernel_params = sum(int(np.prod(cm.weights[n.weights["kernel"]].shape)) for n in kernel_nodes)
-        kernel_nnz = sum(weight_nnz(cm.weights[n.weights["kernel"]]) for n in kernel_nodes)
-
-        measured: dict[str, dict] = {}
         load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-        for name in names:
-            artifact = BACKENDS[name][0]
-            if artifact not in paths:
-                notes.append(f"{name}: not measured, its artifact {artifact!r} was not exported")
-                continue
-            for setting in settings:
-                label = str(setting)
-                _progress(f"measuring {name} with {setting} thread(s) ...")
-                try:
-                    measured.setdefault(name, {})[label] = _measure_in_subprocess(
-                        name, paths[artifact], setting, repeats, seed
-                    )
-                except RuntimeError as error:
-                    notes.append(str(error))
+        by_mask = {}
+        for mask in mask_names:
+            (directory / mask).mkdir(parents=True, exist_ok=True)
+            by_mask[mask] = _measure_mask(mask, names, settings, repeats, directory / mask, seed)
         load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
-
-        for name, by_threads in measured.items():  # how far each backend is from the reference ops
-            for entry in by_threads.values():
-                errors = []
-                for task in TASKS:
-                    x = _inputs(INPUTS, max(BATCHES), seed)
-                    reference = cm.run(task, x)[0]
-                    errors.append(float(np.max(np.abs(np.asarray(entry["outputs"][task]) - reference))))
-                entry["max_abs_error"] = max(errors)
-                del entry["outputs"]
-
-        result = {
-            "model": {
-                "layers": f"{INPUTS} -> {len(HIDDEN)}x{HIDDEN[0]} -> {CLASSES}",
-                "tasks": list(TASKS),
-                "sparsity_percent": SPARSITY,
-                "kernel_params_per_task": kernel_params,
-                "kernel_nonzeros_per_task": kernel_nnz,
-                "task_stats": stats,
-                "build_and_compact_s": build_s,
-            },
-            "conversion_s": conversion,
-            "conversion_total_s": sum(conversion.get(k, 0.0) for k in ("tflite", "onnx", "coreml")),
-            "artifacts": {name: {"path": str(p), "bytes": _artifact_bytes(Path(p))} for name, p in paths.items()},
-            "backends": measured,
-            "ratios": {str(s): _ratios(measured, str(s)) for s in settings},
-            "threads": settings,
-            "repeats": repeats,
-            "notes": notes,
-            "machine": {
-                "cpu": _cpu_name(),
-                "cores": cores,
-                "load_average_before": load_before,
-                "load_average_after": load_after,
-                "versions": _versions(),
-            },
-        }
     if out_dir is None:  # the files are gone with the temporary directory
-        for entry in result["artifacts"].values():
+        for entry in (a for m in by_mask.values() for a in m["artifacts"].values()):
             entry["path"] = None
+    result = {
+        "masks": by_mask,
+        "threads": settings,
+        "repeats": repeats,
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": cores,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+            "versions": _versions(),
+        },
+    }
     return json_module.loads(json_module.dumps(result)) if json else result
 
 
@@ -412,60 +444,99 @@ def _mb(size) -> str:
     return "-" if size is None else f"{size / 1e6:.1f}"
 
 
-def format_report(result: dict) -> str:
-    """The benchmark as text: conversion times, then one table per thread setting, then the speedups.
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
 
-    Example:
-        >>> print(format_report(run_benchmark(repeats=20)))
-    """
-    model = result["model"]
+
+def _mask_report(part: dict, threads: Sequence[int]) -> list[str]:
+    """One mask kind: conversion times, one table per thread setting, then the speedups."""
+    model = part["model"]
     lines = [
-        f"Paper-scale model {model['layers']}, {len(model['tasks'])} tasks, {model['sparsity_percent']} % pruned per task: "
+        f"== {model['mask']} masks (RSN2 block_size={model['block_size']}): {model['layers']}, "
+        f"{len(model['tasks'])} tasks, {model['sparsity_percent']} % pruned per task: "
         f"{model['kernel_params_per_task']:,} dense kernel weights, {model['kernel_nonzeros_per_task']:,} nonzeros per task",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, load average "
-        f"{result['machine']['load_average_before']} -> {result['machine']['load_average_after']}",
         "Conversion: "
-        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["conversion_s"].items())
-        + f"; tflite + onnx + coreml: {result['conversion_total_s']:.1f} s (target < 60 s)",
-        "Latency: median of "
-        f"{result['repeats']} runs, ms. Memory: peak RSS (VmHWM; ru_maxrss off Linux) of a fresh process per backend; "
-        "'model' = peak minus the RSS after the runtime's imports.",
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in part["conversion_s"].items())
+        + f"; tflite + onnx + coreml: {part['conversion_total_s']:.1f} s (target < 60 s)",
     ]
-    artifacts = result["artifacts"]
+    artifacts = part["artifacts"]
     batches = [str(b) for b in BATCHES]
-    for label in (str(s) for s in result["threads"]):
-        lines += ["", f"threads={label}"]
+    for label in (str(s) for s in threads):
         header = ["backend", "file MB", "load ms", "1st run ms"]
-        header += [f"{task} b{b}" for task in result["model"]["tasks"] for b in batches]
+        header += [f"{task} b{b}" for task in model["tasks"] for b in batches]
         header += ["peak MB", "model MB", "max err"]
         rows = [header]
-        for name, by_threads in result["backends"].items():
+        for name, by_threads in part["backends"].items():
             entry = by_threads.get(label)
             if entry is None:
                 continue
             artifact = artifacts.get(BACKENDS[name][0], {})
             row = [BACKENDS[name][1], _mb(artifact.get("bytes")), _ms(entry["load_s"]), _ms(entry["first_run_s"])]
-            row += [_ms(entry["tasks"][task][b]["median_s"]) for task in result["model"]["tasks"] for b in batches]
+            row += [_ms(entry["tasks"][task][b]["median_s"]) for task in model["tasks"] for b in batches]
             row += [
                 _mb(entry["peak_rss_bytes"]),
                 _mb(entry["peak_rss_bytes"] - entry["baseline_rss_bytes"]),
                 f"{entry['max_abs_error']:.1e}",
             ]
             rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        for row in rows:
-            lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-        for key, ratio in result["ratios"].get(label, {}).items():
-            if ratio["speedup_vs_dense"] is None:
-                continue
-            lines.append(
-                f"  bundle {key}: x{ratio['speedup_vs_dense']:.2f} vs the fastest dense peer "
-                f"({BACKENDS[ratio['fastest_dense_peer']][1]}), x{ratio['speedup_vs_fastest']:.2f} vs the fastest peer "
-                f"({BACKENDS[ratio['fastest_peer']][1]})"
-            )
-    if result["notes"]:
-        lines += ["", "Notes:"] + [f"- {note}" for note in result["notes"]]
-    return "\n".join(lines)
+        lines += ["", f"threads={label}"] + _table(rows)
+        for key, ratio in part["ratios"].get(label, {}).items():
+            words = []
+            if ratio["speedup_vs_dense"] is not None:
+                words.append(
+                    f"bundle x{ratio['speedup_vs_dense']:.2f} vs the fastest dense peer "
+                    f"({BACKENDS[ratio['fastest_dense_peer']][1]}), x{ratio['speedup_vs_fastest']:.2f} vs the fastest "
+                    f"peer ({BACKENDS[ratio['fastest_peer']][1]})"
+                )
+            if ratio["litert_export_vs_dense"] is not None:
+                words.append(f"LiteRT on our export x{ratio['litert_export_vs_dense']:.2f} vs LiteRT dense")
+            if words:
+                lines.append(f"  {key}: " + "; ".join(words))
+    if part["notes"]:
+        lines += ["Notes:"] + [f"- {note}" for note in part["notes"]]
+    return lines
+
+
+def _summary(result: dict) -> list[str]:
+    """Medians per backend and mask kind (mean over the tasks), one column per threads and batch."""
+    masks = list(result["masks"])
+    labels = [str(s) for s in result["threads"]]
+    header = ["backend"] + [f"{mask} t{label} b{b}" for label in labels for mask in masks for b in BATCHES]
+    rows = [header]
+    names = [n for n in BACKENDS if any(n in part["backends"] for part in result["masks"].values())]
+    for name in names:
+        row = [name]
+        for label in labels:
+            for mask in masks:
+                entry = result["masks"][mask]["backends"].get(name, {}).get(label)
+                for b in BATCHES:
+                    row.append(
+                        "-" if entry is None
+                        else _ms(statistics.fmean(t[str(b)]["median_s"] for t in entry["tasks"].values()))
+                    )
+        rows.append(row)
+    return ["", "Summary: median ms per run, mean over the tasks (t = threads, b = batch)"] + _table(rows)
+
+
+def format_report(result: dict) -> str:
+    """The benchmark as text: per mask kind conversion times, one table per thread setting and the
+    speedups; then a summary of every backend on every mask kind.
+
+    Example:
+        >>> print(format_report(run_benchmark(repeats=20)))
+    """
+    machine = result["machine"]
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, load average "
+        f"{machine['load_average_before']} -> {machine['load_average_after']}",
+        "Latency: median of "
+        f"{result['repeats']} runs, ms. Memory: peak RSS (VmHWM; ru_maxrss off Linux) of a fresh process per backend; "
+        "'model' = peak minus the RSS after the runtime's imports.",
+    ]
+    for part in result["masks"].values():
+        lines += [""] + _mask_report(part, result["threads"])
+    return "\n".join(lines + _summary(result))
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -491,21 +562,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="thread settings, comma-separated; 'all' = every core (default: 1,all)")
     parser.add_argument("--backends", default=None,
                         help=f"backends to measure, comma-separated (default: all of {', '.join(BACKENDS)})")
-    parser.add_argument("--out", default=None, help="keep the bundle and exports in this directory")
+    parser.add_argument("--masks", default=None,
+                        help=f"mask kinds, comma-separated (default: all of {', '.join(MASKS)})")
+    parser.add_argument("--out", default=None, help="keep the bundles and exports in this directory")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark for parsed ``args``; prints the report (or JSON) to stdout; returns the exit code."""
-    backends = None if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
+    def names(value):
+        return None if value is None else [item.strip() for item in value.split(",") if item.strip()]
+
     result = run_benchmark(repeats=args.repeats, threads=tuple(args.threads), json=args.json, out_dir=args.out,
-                           backends=backends)
+                           backends=names(args.backends), masks=names(getattr(args, "masks", None)))
     print(json_module.dumps(result, indent=1) if args.json else format_report(result))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python benchmarks/paper_scale.py [--repeats N] [--threads 1,all] [--json]``."""
+    """``python benchmarks/paper_scale.py [--repeats N] [--threads 1,all] [--masks unstructured,block4] [--json]``."""
     parser = argparse.ArgumentParser(prog="paper_scale", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -1,6 +1,6 @@
 """Compiled CSR kernels (numba) for the bundle backend; optional, beside the scipy ones they replace.
 
-Two kernels, each computing ``y = activation(W @ x + bias)`` with ``W`` the (outputs, inputs)
+Two CSR kernels, each computing ``y = activation(W @ x + bias)`` with ``W`` the (outputs, inputs)
 CSR matrix of a dense or conv kernel, bias added and ReLU applied in the same pass:
 
 - ``matvec``: one input vector. Each row is a dot product over its nonzeros, summed in eight
@@ -11,16 +11,31 @@ CSR matrix of a dense or conv kernel, bias added and ReLU applied in the same pa
   nonzeros are combined before touching the output row to keep the stores off the
   critical path.
 
+A CSR mat-vec is bound by its loads, about three per nonzero (column index, value,
+gathered input). Weights pruned in 1x4 blocks (RSN2's ``block_size=4``: four consecutive
+inputs of one output unit kept or pruned together) have two more kernels, over
+`Blocks1x4` (one block-column index per block, its four values contiguous):
+
+- ``block_matvec``: per block one index, one 4-wide load of values and one of inputs and
+  a 4-lane multiply-add, in four independent 4-lane accumulators. The 4-lane operations
+  are written as LLVM vector ops (`_Lanes4`): numba leaves LLVM's SLP vectoriser off,
+  so four scalar sums would stay scalar.
+- ``block_matmat``: as ``matmat``, each block adding four contiguous batch-wide rows of
+  ``xt``, in 8-lane tiles of the batch that stay in a register over the output row's
+  blocks (the batch is padded to a multiple of 8); two tiles per pass share the block's loads.
+
 Values may be float32 or float16 (passed as their uint16 bits, widened to float32 in the
 kernel, so float16 weights stay half the size in memory); sums are float32. Column
 indices keep the bundle's dtype (uint8/uint16/uint32). Every kernel exists serial and
-parallel (rows split over numba's threads); `csr_product` picks one from ``threads``.
+parallel (rows split over numba's threads); the product classes pick one from ``threads``.
 Compiled code is cached on disk (``cache=True``), so only the first process to use a
 kernel pays for compiling it.
 
 Example:
     >>> product = NumbaCSRProduct(csr_weight, bias, relu=True, threads=1)
     >>> y = product(x)                      # (batch, outputs) float32
+    >>> blocks = Blocks1x4.from_csr(csr_weight)  # None unless the weight is 1x4-block structured
+    >>> y = NumbaBlockProduct(blocks, bias, relu=True, threads=1)(x)
 """
 
 from __future__ import annotations
@@ -29,11 +44,23 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, models, overload, register_model
 
 from mann_edge.sparse import CSRWeight
 
-__all__ = ["NumbaCSRProduct", "matvec", "matmat", "max_threads"]
+__all__ = [
+    "NumbaCSRProduct",
+    "NumbaBlockProduct",
+    "Blocks1x4",
+    "matvec",
+    "matmat",
+    "block_matvec",
+    "block_matmat",
+    "max_threads",
+    "BLOCK",
+    "MIN_BLOCK_FILL",
+    "PARALLEL_MIN_BLOCK_LANES",
+]
 
 _CACHE = True
 
@@ -150,6 +177,378 @@ def matvec(indptr, indices, data, x, bias, relu: bool, out, *, parallel: bool = 
 def matmat(indptr, indices, data, xt, bias, relu: bool, out, *, parallel: bool = False) -> None:
     """``out = act(W @ xt + bias[:, None])`` with ``xt`` (inputs, batch) and ``out`` (outputs, batch), C-contiguous."""
     (_matmat_parallel if parallel else _matmat_serial)(indptr, indices, data, xt, bias, relu, out)
+
+
+# -- 1x4 blocks --------------------------------------------------------------------------------
+
+BLOCK = 4
+MIN_BLOCK_FILL = 0.75
+"""A weight runs on the block kernels when its nonzeros fill at least this share of its blocks' lanes."""
+PARALLEL_MIN_BLOCK_LANES = 1 << 16
+"""Blocks times batch below which the block kernels run serial whatever ``threads`` says: a
+1000 x 1000 layer of 25,000 blocks takes about 12 us at batch 1, and waking numba's threads
+for it costs more than the second thread saves."""
+
+
+class _Lanes4(types.Type):
+    """Four float32 lanes held as one LLVM ``<4 x float>`` (an SSE/NEON register)."""
+
+    def __init__(self):
+        super().__init__(name="Lanes4")
+
+
+class _Lanes8(types.Type):
+    """Eight float32 lanes held as one LLVM ``<8 x float>`` (an AVX register; two SSE/NEON ones)."""
+
+    def __init__(self):
+        super().__init__(name="Lanes8")
+
+
+_LANES4, _LANES8 = _Lanes4(), _Lanes8()
+_VECTOR4, _VECTOR8 = ir.VectorType(ir.FloatType(), 4), ir.VectorType(ir.FloatType(), 8)
+
+
+@register_model(_Lanes4)
+class _Lanes4Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VECTOR4)
+
+
+@register_model(_Lanes8)
+class _Lanes8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VECTOR8)
+
+
+@intrinsic
+def _zero4(typingctx):
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_VECTOR4, [0.0] * 4)
+
+    return _LANES4(), codegen
+
+
+@intrinsic
+def _load4(typingctx, array, start):
+    """Lanes ``array[start:start + 4]`` as float32 (uint16 arrays hold float16 bits); no bounds check."""
+    if not isinstance(array, types.Array) or array.dtype not in (types.float32, types.uint16):
+        return None
+    half = array.dtype == types.uint16
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        if half:
+            bits = builder.load(builder.bitcast(pointer, ir.VectorType(ir.IntType(16), 4).as_pointer()), align=2)
+            return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 4)), _VECTOR4)
+        return builder.load(builder.bitcast(pointer, _VECTOR4.as_pointer()), align=4)
+
+    return _LANES4(array, types.intp), codegen
+
+
+@intrinsic
+def _block_start(typingctx, columns, k):
+    """``4 * columns[k]``, the first input of block ``k``, as intp; no bounds check.
+
+    numba's own ``columns[k]`` adds a negative-index fix-up to every load of a signed
+    ``k``, which costs as much as the block's arithmetic.
+    """
+    if not isinstance(columns, types.Array) or not isinstance(columns.dtype, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+        index = builder.zext(builder.load(builder.gep(data, [args[1]])), ir.IntType(64))
+        return builder.shl(index, ir.Constant(ir.IntType(64), 2))
+
+    return types.intp(columns, types.intp), codegen
+
+
+@intrinsic
+def _madd4(typingctx, acc, a, b):
+    """``acc + a * b`` lane by lane (a multiply then an add, as the scalar kernels round)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], builder.fmul(args[1], args[2]))
+
+    return _LANES4(_LANES4, _LANES4, _LANES4), codegen
+
+
+@intrinsic
+def _add4(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1])
+
+    return _LANES4(_LANES4, _LANES4), codegen
+
+
+@intrinsic
+def _sum4(typingctx, lanes):
+    def codegen(context, builder, signature, args):
+        lane = [builder.extract_element(args[0], ir.Constant(ir.IntType(32), j)) for j in range(4)]
+        return builder.fadd(builder.fadd(lane[0], lane[1]), builder.fadd(lane[2], lane[3]))
+
+    return types.float32(_LANES4), codegen
+
+
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _block_row_dot(indptr, columns, values, x, i):
+    # four independent accumulators: one would make each block wait for the previous add
+    k, end = indptr[i], indptr[i + 1]
+    a0 = a1 = a2 = a3 = _zero4()
+    while k + 4 <= end:
+        a0 = _madd4(a0, _load4(values, 4 * k), _load4(x, _block_start(columns, k)))
+        a1 = _madd4(a1, _load4(values, 4 * k + 4), _load4(x, _block_start(columns, k + 1)))
+        a2 = _madd4(a2, _load4(values, 4 * k + 8), _load4(x, _block_start(columns, k + 2)))
+        a3 = _madd4(a3, _load4(values, 4 * k + 12), _load4(x, _block_start(columns, k + 3)))
+        k += 4
+    while k < end:
+        a0 = _madd4(a0, _load4(values, 4 * k), _load4(x, _block_start(columns, k)))
+        k += 1
+    return _sum4(_add4(_add4(a0, a1), _add4(a2, a3)))
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _block_matvec_serial(indptr, columns, values, x, bias, relu, out):
+    for i in range(out.size):
+        out[i] = _activate(_block_row_dot(indptr, columns, values, x, i) + bias[i], relu)
+
+
+@numba.njit(cache=_CACHE, nogil=True, parallel=True)
+def _block_matvec_parallel(indptr, columns, values, x, bias, relu, out):
+    for i in prange(out.size):
+        out[i] = _activate(_block_row_dot(indptr, columns, values, x, i) + bias[i], relu)
+
+
+@intrinsic
+def _load8(typingctx, array, start):
+    """Lanes ``array[start:start + 8]`` of a float32 array; no bounds check."""
+    if not isinstance(array, types.Array) or array.dtype != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+        return builder.load(builder.bitcast(builder.gep(data, [args[1]]), _VECTOR8.as_pointer()), align=4)
+
+    return _LANES8(array, types.intp), codegen
+
+
+@intrinsic
+def _store8(typingctx, array, start, lanes):
+    """``array[start:start + 8] = lanes``; no bounds check."""
+    if not isinstance(array, types.Array) or array.dtype != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+        builder.store(args[2], builder.bitcast(builder.gep(data, [args[1]]), _VECTOR8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(array, types.intp, _LANES8), codegen
+
+
+@intrinsic
+def _splat8(typingctx, value):
+    """Eight lanes of one float32."""
+
+    def codegen(context, builder, signature, args):
+        one = builder.insert_element(ir.Constant(_VECTOR8, None), args[0], ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(_VECTOR8, None), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+
+    return _LANES8(types.float32), codegen
+
+
+@intrinsic
+def _block_axpy8(typingctx, acc, values, x0, x1, x2, x3):
+    """``acc + ((v0 x0 + v1 x1) + (v2 x2 + v3 x3))`` for the four values of one block (`_Lanes4`)."""
+
+    def codegen(context, builder, signature, args):
+        v, products = args[1], []
+        for j, x in enumerate(args[2:]):
+            lane = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 8), [j] * 8))
+            products.append(builder.fmul(lane, x))
+        block = builder.fadd(builder.fadd(products[0], products[1]), builder.fadd(products[2], products[3]))
+        return builder.fadd(args[0], block)
+
+    return _LANES8(_LANES8, _LANES4, _LANES8, _LANES8, _LANES8, _LANES8), codegen
+
+
+@intrinsic
+def _relu8(typingctx, lanes):
+    """As `_activate`: a lane >= 0 keeps its value (and -0.0), anything else (NaN too) gives 0."""
+
+    def codegen(context, builder, signature, args):
+        keep = builder.fcmp_ordered(">=", args[0], ir.Constant(_VECTOR8, [0.0] * 8))
+        return builder.select(keep, args[0], ir.Constant(_VECTOR8, [0.0] * 8))
+
+    return _LANES8(_LANES8), codegen
+
+
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _block_row_tiles(indptr, columns, values, xt, batch, bias, relu, out, i):
+    # ``xt`` and ``out`` flat, ``batch`` a multiple of 8: each 8-lane tile of the output row stays in a
+    # register over the row's blocks; two tiles per pass share the loads of the index and values
+    start, end = indptr[i], indptr[i + 1]
+    t = 0
+    while t < batch:
+        two = t + 16 <= batch
+        acc0 = acc1 = _splat8(bias[i])
+        for k in range(start, end):
+            v = _load4(values, 4 * k)
+            c = _block_start(columns, k) * batch + t
+            acc0 = _block_axpy8(acc0, v, _load8(xt, c), _load8(xt, c + batch), _load8(xt, c + 2 * batch),
+                                _load8(xt, c + 3 * batch))
+            if two:
+                acc1 = _block_axpy8(acc1, v, _load8(xt, c + 8), _load8(xt, c + batch + 8),
+                                    _load8(xt, c + 2 * batch + 8), _load8(xt, c + 3 * batch + 8))
+        _store8(out, i * batch + t, _relu8(acc0) if relu else acc0)
+        if two:
+            _store8(out, i * batch + t + 8, _relu8(acc1) if relu else acc1)
+        t += 16 if two else 8
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _block_matmat_serial(indptr, columns, values, xt, batch, bias, relu, out):
+    for i in range(bias.size):
+        _block_row_tiles(indptr, columns, values, xt, batch, bias, relu, out, i)
+
+
+@numba.njit(cache=_CACHE, nogil=True, parallel=True)
+def _block_matmat_parallel(indptr, columns, values, xt, batch, bias, relu, out):
+    for i in prange(bias.size):
+        _block_row_tiles(indptr, columns, values, xt, batch, bias, relu, out, i)
+
+
+def block_matvec(indptr, columns, values, x, bias, relu: bool, out, *, parallel: bool = False) -> None:
+    """``out = act(W @ x + bias)`` for 1x4 blocks; ``x`` float32, contiguous, of size ``4 * block columns``.
+
+    ``values`` holds four values per block (float32, or float16 as uint16 bits); the
+    kernel reads ``x`` unchecked, so its size must cover every block (`NumbaBlockProduct` pads it).
+    """
+    (_block_matvec_parallel if parallel else _block_matvec_serial)(indptr, columns, values, x, bias, relu, out)
+
+
+def block_matmat(indptr, columns, values, xt, bias, relu: bool, out, *, parallel: bool = False) -> None:
+    """``out = act(W @ xt + bias[:, None])`` for 1x4 blocks, ``xt`` (4 * block columns, batch), C-contiguous.
+
+    The kernel reads and writes whole 8-lane tiles, unchecked: ``batch`` must be a multiple of 8
+    (`NumbaBlockProduct` pads it with zero columns).
+    """
+    if xt.shape[1] % 8 or out.shape != (bias.size, xt.shape[1]):
+        raise ValueError(f"block_matmat needs xt (4 * block columns, 8k) and out (outputs, 8k); got {xt.shape}, {out.shape}")
+    (_block_matmat_parallel if parallel else _block_matmat_serial)(
+        indptr, columns, values, xt.reshape(-1), xt.shape[1], bias, relu, out.reshape(-1)
+    )
+
+
+class Blocks1x4:
+    """An (outputs, inputs) CSR weight regrouped in 1x4 blocks: four consecutive inputs of one output.
+
+    Attributes:
+        rows, cols: the matrix shape; the kernels read inputs padded with zeros to ``padded_cols``.
+        indptr: int64 (rows + 1,), where each row's blocks start.
+        columns: uint16 or uint32 (blocks,), each block's column divided by 4 (sorted within a row).
+        values: (blocks * 4,) float32 or float16, each block's four values; inputs the CSR
+            does not store are explicit zeros (the fill).
+        nnz: the CSR's stored values, ``nnz / (4 * blocks)`` the fill.
+
+    Example:
+        >>> w = CSRWeight.from_dense(np.array([[1, 0], [2, 0], [3, 0], [4, 0], [0, 5]], "float32"), "oi")
+        >>> b = Blocks1x4.from_csr(w, min_fill=0.5)   # matrix (2 outputs, 5 inputs), fill 5/8
+        >>> b.columns.tolist(), b.values.tolist(), b.padded_cols
+        ([0, 1], [1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 0.0], 8)
+    """
+
+    def __init__(self, rows: int, cols: int, indptr, columns, values, nnz: int):
+        self.rows, self.cols = int(rows), int(cols)
+        self.indptr, self.columns, self.values, self.nnz = indptr, columns, values, int(nnz)
+        self.padded_cols = -(-self.cols // BLOCK) * BLOCK
+
+    @property
+    def blocks(self) -> int:
+        return int(self.columns.size)
+
+    @property
+    def fill(self) -> float:
+        """Share of the blocks' lanes the CSR stores (1.0: no explicit zero was added)."""
+        return self.nnz / (BLOCK * self.blocks) if self.blocks else 1.0
+
+    @classmethod
+    def from_csr(cls, weight: CSRWeight, min_fill: float = MIN_BLOCK_FILL) -> "Blocks1x4 | None":
+        """The blocks of a layout-'oi' CSR weight, or None when it is not 1x4-block structured.
+
+        Not structured: another layout, no nonzero, or nonzeros filling less than
+        ``min_fill`` of their blocks (each explicit zero costs a multiply the CSR skips).
+        """
+        if weight.layout != "oi" or weight.nnz == 0:
+            return None
+        rows, cols = weight.matrix_shape
+        row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(weight.indptr.astype(np.int64)))
+        column = weight.indices.astype(np.int64)
+        # CSR columns rise within a row, so a block's nonzeros are neighbours in CSR order
+        key = row_of * (cols // BLOCK + 1) + column // BLOCK
+        starts = np.ones(key.size, dtype=bool)
+        starts[1:] = key[1:] != key[:-1]
+        blocks = int(np.count_nonzero(starts))
+        if weight.nnz < min_fill * BLOCK * blocks:
+            return None
+        block_of = np.cumsum(starts) - 1
+        indptr = np.zeros(rows + 1, np.int64)
+        np.cumsum(np.bincount(row_of[starts], minlength=rows), out=indptr[1:])
+        columns = (column[starts] // BLOCK).astype(np.uint16 if (cols - 1) // BLOCK <= 0xFFFF else np.uint32)
+        values = np.zeros(blocks * BLOCK, weight.data.dtype)
+        values[block_of * BLOCK + column % BLOCK] = weight.data
+        return cls(rows, cols, indptr, columns, values, weight.nnz)
+
+
+class NumbaBlockProduct:
+    """``x (batch, inputs) -> act(x @ W.T + bias)`` for a 1x4-block weight, with the block kernels.
+
+    Args:
+        blocks: the weight's `Blocks1x4`.
+        bias, relu, threads: as `NumbaCSRProduct`; small products (fewer than
+            `PARALLEL_MIN_BLOCK_LANES` blocks times batch) run serial.
+
+    Example:
+        >>> blocks = Blocks1x4.from_csr(w)
+        >>> NumbaBlockProduct(blocks, None, relu=False, threads=1)(np.ones((2, blocks.cols), "float32")).shape
+        (2, blocks.rows)
+    """
+
+    def __init__(self, blocks: Blocks1x4, bias: np.ndarray | None, *, relu: bool, threads: int | None):
+        self.rows, self.cols, self.padded_cols = blocks.rows, blocks.cols, blocks.padded_cols
+        self.indptr = blocks.indptr
+        self.columns = blocks.columns
+        values = blocks.values
+        self.values = values.view(np.uint16) if values.dtype == np.float16 else values
+        self.bias = np.zeros(self.rows, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+        self.relu = bool(relu)
+        self.threads = max_threads() if threads is None else min(int(threads), max_threads())
+        self.blocks = blocks.blocks
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        batch = x.shape[0]
+        parallel = self.threads > 1 and self.blocks * batch >= PARALLEL_MIN_BLOCK_LANES
+        if parallel:
+            numba.set_num_threads(self.threads)
+        padding = self.padded_cols - self.cols
+        if batch == 1:
+            vector = np.ascontiguousarray(x[0], np.float32)
+            if padding:  # the last block reads past the inputs: zeros there, against its zero values
+                vector = np.concatenate([vector, np.zeros(padding, np.float32)])
+            out = np.empty(self.rows, np.float32)
+            block_matvec(self.indptr, self.columns, self.values, vector, self.bias, self.relu, out, parallel=parallel)
+            return out[None]
+        lanes = -(-batch // 8) * 8  # the kernel works in 8-lane tiles of the batch
+        if padding or lanes != batch:
+            xt = np.zeros((self.padded_cols, lanes), np.float32)
+            xt[: self.cols, :batch] = x.T
+        else:  # x.T is free when x is the transposed output of the previous op
+            xt = np.ascontiguousarray(x.T, np.float32)
+        out = np.empty((self.rows, lanes), np.float32)
+        if batch:
+            block_matmat(self.indptr, self.columns, self.values, xt, self.bias, self.relu, out, parallel=parallel)
+        return out[:, :batch].T
 
 
 class NumbaCSRProduct:

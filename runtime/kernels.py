@@ -7,9 +7,14 @@ the (outputs, inputs) CSR matrix the bundle stores.
 
 The multiplication itself is a "product" chosen once per op when it is bound:
 
+- `NumbaBlockProduct` (runtime/fast_kernels.py): compiled kernels over 1x4 blocks (four
+  consecutive inputs of one output unit, RSN2's ``block_size=4``): one index and two
+  4-wide loads per block instead of three loads per nonzero. Used when numba is installed
+  and the weight is block structured (`Blocks1x4.from_csr`: its nonzeros fill at least
+  75 % of its blocks; the rest of each block becomes explicit zeros).
 - `NumbaCSRProduct` (runtime/fast_kernels.py): compiled CSR kernels with the bias and a
   ReLU fused in, float16 values kept as float16, serial or parallel by ``threads``.
-  Used when numba is installed.
+  Used when numba is installed, for every other CSR weight.
 - `ScipyCSRProduct`: scipy's CSR matrix product, float32 values; single-threaded.
   The fallback when numba is missing, or when ``MANN_EDGE_KERNELS=numpy``.
 - `DenseProduct`: a weight the bundle keeps dense (CSR would be larger) goes to BLAS.
@@ -120,12 +125,15 @@ class DenseProduct:
 
 
 def make_product(weight, bias: np.ndarray | None, *, relu: bool, threads: int | None):
-    """The product for one kernel weight: numba or scipy for CSR (per `kernel_backend`), BLAS for dense."""
+    """The product for one kernel weight: numba (blocks or CSR) or scipy for CSR (per `kernel_backend`), BLAS for dense."""
     if not isinstance(weight, CSRWeight):
         return DenseProduct(weight, bias, relu=relu, threads=threads)
     if kernel_backend() == "numba":
-        from mann_edge.runtime.fast_kernels import NumbaCSRProduct
+        from mann_edge.runtime.fast_kernels import Blocks1x4, NumbaBlockProduct, NumbaCSRProduct
 
+        blocks = Blocks1x4.from_csr(weight)
+        if blocks is not None:
+            return NumbaBlockProduct(blocks, bias, relu=relu, threads=threads)
         return NumbaCSRProduct(weight, bias, relu=relu, threads=threads)
     return ScipyCSRProduct(weight, bias, relu=relu, threads=threads)
 

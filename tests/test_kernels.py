@@ -3,6 +3,9 @@
 Small random layers (odd shapes, empty rows, all-zero weights, float32 and float16 values),
 dense and conv, each op bound once with the reference registry and once with the runtime's,
 on batch 1 (the mat-vec kernel) and larger batches (the transposed mat-mat kernel).
+Weights pruned in 1x4 blocks run the block kernels when numba is installed: those are
+checked the same way, with explicit zeros in kept blocks, a last partial block, and
+weights just below the fill the block kernels need (which must stay on the CSR kernels).
 """
 
 from __future__ import annotations
@@ -161,6 +164,134 @@ def test_a_wrong_input_size_is_refused_before_the_kernel_reads_it(backend):
             fast.run(np.ones((batch, 9), np.float32))
 
 
+# -- 1x4 blocks ----------------------------------------------------------------------------------
+
+
+def _blocky(rng, inputs, outputs, keep, dtype="float32", holes=0.0):
+    """A random (inputs, outputs) kernel pruned in 1x4 blocks (four consecutive inputs of one output).
+
+    ``keep``: share of blocks kept; ``holes``: share of the kept values then set to zero,
+    so some kept blocks hold explicit zeros (and, past 0.25, the weight is no longer block structured).
+    A last block of fewer than four inputs is kept like any other.
+    """
+    blocks = -(-inputs // 4)
+    kept = np.repeat(rng.random((blocks, outputs)) < keep, 4, axis=0)[:inputs]
+    w = rng.normal(0, 1, (inputs, outputs)).astype(np.float32) * kept
+    w[rng.random(w.shape) < holes] = 0
+    return w.astype(dtype)
+
+
+def _block_product_class():
+    from mann_edge.runtime.fast_kernels import NumbaBlockProduct
+
+    return NumbaBlockProduct
+
+
+BLOCK_CASES = [
+    # (inputs, outputs, kept blocks, holes): inputs not a multiple of 4 leave a partial last block
+    (64, 24, 0.3, 0.0),
+    (30, 17, 0.5, 0.0),
+    (7, 5, 0.8, 0.0),
+    (102, 33, 0.1, 0.05),  # a few kept blocks with an explicit zero: still blocks
+    (3, 4, 1.0, 0.0),  # three inputs: each row one partial block, fill exactly 75 %
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"{c[0]}x{c[1]}-holes{c[3]}")
+@pytest.mark.parametrize("batch", [1, 2, 13])
+def test_block_structured_dense_matches_the_reference_op(backend, case, dtype, batch, threads, monkeypatch):
+    inputs, outputs, keep, holes = case
+    if backend == "numba":  # these layers are far below the size where threads pay: run the parallel kernels anyway
+        from mann_edge.runtime import fast_kernels
+
+        monkeypatch.setattr(fast_kernels, "PARALLEL_MIN_BLOCK_LANES", 0)
+    rng = np.random.default_rng(inputs * 11 + outputs)
+    kernel = _blocky(rng, inputs, outputs, keep, dtype, holes)
+    bias = rng.normal(0, 1, outputs).astype(dtype)
+    reference, fast = _pair("dense", {"activation": "relu"}, kernel, bias, threads=threads)
+    if backend == "numba":
+        assert isinstance(fast.product, _block_product_class())
+    x = rng.normal(0, 1, (batch, inputs)).astype(np.float32)
+    expected = reference.run(x)
+    got = fast.run(x)
+    assert got.shape == expected.shape == (batch, outputs)
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 13])
+def test_weights_below_the_block_fill_stay_on_the_csr_kernels(backend, batch):
+    # 40 % of each kept block zeroed: below the 75 % fill the block kernels need
+    rng = np.random.default_rng(12)
+    kernel = _blocky(rng, 50, 20, 0.4, holes=0.4)
+    reference, fast = _pair("dense", {"activation": "linear"}, kernel, rng.normal(0, 1, 20).astype("float32"))
+    if backend == "numba":
+        from mann_edge.runtime.fast_kernels import NumbaCSRProduct
+
+        assert type(fast.product) is NumbaCSRProduct
+    x = rng.normal(0, 1, (batch, 50)).astype(np.float32)
+    np.testing.assert_allclose(fast.run(x), reference.run(x), atol=ATOL, rtol=1e-5)
+
+
+@numba_only
+def test_blocks_hold_each_row_s_blocks_with_explicit_zeros():
+    from mann_edge.runtime.fast_kernels import Blocks1x4
+
+    # matrix (outputs 2, inputs 6): output 0 reads inputs 0-3 (one zero among them) and 5; output 1 input 4
+    matrix = np.array([[1, 2, 0, 3, 0, 4], [0, 0, 0, 0, 5, 0]], np.float32)
+    blocks = Blocks1x4.from_csr(CSRWeight.from_dense(matrix.T, "oi"), min_fill=0.4)
+    assert blocks.indptr.tolist() == [0, 2, 3]
+    assert blocks.columns.tolist() == [0, 1, 1] and blocks.columns.dtype == np.uint16
+    assert blocks.values.tolist() == [1, 2, 0, 3, 0, 4, 0, 0, 5, 0, 0, 0]
+    assert (blocks.padded_cols, blocks.nnz, blocks.fill) == (8, 5, 5 / 12)
+    assert Blocks1x4.from_csr(CSRWeight.from_dense(matrix.T, "oi")) is None  # 5/12 < 0.75
+    assert Blocks1x4.from_csr(CSRWeight.from_dense(matrix, "rows"), min_fill=0.0) is None
+    assert Blocks1x4.from_csr(CSRWeight.from_dense(np.zeros((8, 3), np.float32), "oi")) is None
+
+
+@numba_only
+def test_small_block_products_run_serial_and_large_ones_parallel(monkeypatch):
+    from mann_edge.runtime import fast_kernels
+
+    calls = []
+    monkeypatch.setattr(fast_kernels, "block_matvec", lambda *args, parallel: calls.append(parallel))
+    monkeypatch.setattr(fast_kernels, "block_matmat", lambda *args, parallel: calls.append(parallel))
+    rng = np.random.default_rng(15)
+    _, fast = _pair("dense", {}, _blocky(rng, 40, 30, 0.5), None, threads=2)
+    blocks = fast.product.blocks
+    monkeypatch.setattr(fast_kernels, "PARALLEL_MIN_BLOCK_LANES", 8 * blocks)
+    for batch in (1, 7, 8, 9):
+        fast.run(np.ones((batch, 40), np.float32))
+    assert calls == [False, False, True, True]
+
+
+@numba_only
+def test_blocks_past_65536_columns_take_uint32_indices():
+    from mann_edge.runtime.fast_kernels import Blocks1x4
+
+    kernel = np.zeros((4 * 70_000, 1), np.float32)
+    kernel[-4:] = 1.0  # the last block, column 69,999
+    blocks = Blocks1x4.from_csr(CSRWeight.from_dense(kernel, "oi"))
+    assert blocks.columns.dtype == np.uint32 and blocks.columns.tolist() == [69_999]
+    reference, fast = _pair("dense", {}, kernel, None)
+    x = np.random.default_rng(13).normal(0, 1, (1, kernel.shape[0])).astype(np.float32)
+    np.testing.assert_allclose(fast.run(x), reference.run(x), atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_block_structured_conv_kernel_matches_the_reference_op(backend, batch):
+    # cin = 4 and whole (kh, kw) positions pruned: blocks of the flattened (kh * kw * cin) inputs
+    rng = np.random.default_rng(14)
+    kernel = rng.normal(0, 1, (3, 3, 4, 6)).astype(np.float32) * (rng.random((3, 3, 1, 6)) < 0.5)
+    attrs = {"strides": (1, 1), "padding": "same", "dilation": (1, 1), "activation": "relu"}
+    reference, fast = _pair("conv2d", attrs, kernel, rng.normal(0, 1, 6).astype(np.float32))
+    if backend == "numba":
+        assert isinstance(fast.product, _block_product_class())
+    x = rng.normal(0, 1, (batch, 7, 5, 4)).astype(np.float32)
+    np.testing.assert_allclose(fast.run(x), reference.run(x), atol=ATOL, rtol=1e-5)
+
+
 # -- which kernels run -----------------------------------------------------------------------------
 
 
@@ -219,14 +350,15 @@ def test_bad_thread_counts_are_refused(threads):
 # -- whole tasks through the session ---------------------------------------------------------------
 
 
-def _mlp(dtype="float32") -> CompactModel:
-    """x (29) -> 64 relu -> 31 relu -> 7 softmax, about 80 % zeros, as compaction stores it."""
+def _mlp(dtype="float32", blocks=False) -> CompactModel:
+    """x (29) -> 64 relu -> 31 relu -> 7 softmax, about 80 % zeros (in 1x4 blocks if ``blocks``), as compaction stores it."""
     rng = np.random.default_rng(9)
     sizes = [29, 64, 31, 7]
     nodes, weights, previous = [], {}, "x"
     for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
         name = f"dense_{i}"
-        weights[f"{name}/kernel"] = encode_weight(_sparse(rng, (n_in, n_out), 0.2, empty_rows=2), "oi")
+        kernel = _blocky(rng, n_in, n_out, 0.2) if blocks else _sparse(rng, (n_in, n_out), 0.2, empty_rows=2)
+        weights[f"{name}/kernel"] = encode_weight(kernel, "oi")
         weights[f"{name}/bias"] = encode_weight(rng.normal(0, 1, n_out).astype(np.float32))
         activation = "softmax" if i == len(sizes) - 2 else "relu"
         nodes.append(Node(name, "dense", (previous,), {"kernel": f"{name}/kernel", "bias": f"{name}/bias"},
@@ -237,10 +369,15 @@ def _mlp(dtype="float32") -> CompactModel:
     return CompactModel([spec], nodes, [task], weights).astype(dtype)
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["unstructured", "blocks"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("threads", [1, 2, None])
-def test_a_session_with_threads_matches_the_reference_executor(backend, dtype, threads):
-    model = _mlp(dtype)
+def test_a_session_with_threads_matches_the_reference_executor(backend, dtype, threads, blocks, monkeypatch):
+    if backend == "numba" and blocks:
+        from mann_edge.runtime import fast_kernels
+
+        monkeypatch.setattr(fast_kernels, "PARALLEL_MIN_BLOCK_LANES", 0)
+    model = _mlp(dtype, blocks)
     session = BundleSession("mlp.mann", model=model, threads=threads)
     for batch in (1, 6, 64):
         x = np.random.default_rng(batch).normal(0, 1, (batch, 29)).astype(np.float32)
@@ -250,9 +387,10 @@ def test_a_session_with_threads_matches_the_reference_executor(backend, dtype, t
 
 
 @numba_only
+@pytest.mark.parametrize("blocks", [False, True], ids=["unstructured", "blocks"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_numba_and_scipy_paths_agree(monkeypatch, dtype):
-    model = _mlp(dtype)
+def test_numba_and_scipy_paths_agree(monkeypatch, dtype, blocks):
+    model = _mlp(dtype, blocks)
     x = np.random.default_rng(10).normal(0, 1, (17, 29)).astype(np.float32)
     outputs = {}
     for choice in ("numba", "numpy"):
