@@ -19,6 +19,9 @@ The multiplication itself is a "product" chosen once per op when it is bound:
   The fallback when numba is missing, or when ``MANN_EDGE_KERNELS=numpy``.
 - `DenseProduct`: a weight the bundle keeps dense (CSR would be larger) goes to BLAS.
 
+Convolution and pooling windows are one gather through an index built once per input
+size (`Windows`), instead of the reference ops' padded strided views.
+
 ``MANN_EDGE_KERNELS`` = ``auto`` (default: numba if importable), ``numba`` (required) or
 ``numpy`` (the scipy fallback), read when a task's ops are bound.
 
@@ -44,6 +47,9 @@ __all__ = [
     "RUNTIME_OPS",
     "CSRDense",
     "CSRConv2D",
+    "GatherMaxPool2D",
+    "GatherAvgPool2D",
+    "Windows",
     "runtime_ops",
     "kernel_backend",
     "make_product",
@@ -178,24 +184,99 @@ class CSRDense(_ProductOp, ops.Dense):
         return self._finish(self.product(flat).reshape(*x.shape[:-1], self.product.rows))
 
 
+class Windows:
+    """Every window of an NHWC input as one gather, the index built once per input size.
+
+    The reference ops pad the input and take strided views of it, which costs tens of
+    microseconds of numpy calls per op on a small image; here window cell ``(kh, kw, c)``
+    of output pixel ``(ho, wo)`` is a precomputed flat index into the input, and cells in
+    the padding point one past its end, at a fill value appended to each sample.
+
+    Example:
+        >>> windows = Windows((3, 3), strides=(1, 1), padding="same")
+        >>> windows(x, fill=0.0).shape          # (N, Ho * Wo, kh * kw, C)
+        (2, 64, 9, 16)
+    """
+
+    def __init__(self, kernel, strides, padding: str, dilation=(1, 1)):
+        self.kernel, self.strides, self.padding, self.dilation = tuple(kernel), tuple(strides), padding, tuple(dilation)
+        self._index: dict[tuple[int, int, int], tuple[np.ndarray, tuple[int, int], np.ndarray]] = {}
+
+    def index(self, height: int, width: int, channels: int):
+        """(flat index (Ho * Wo, kh * kw, C), output size (Ho, Wo), valid cells per window (Ho * Wo,))."""
+        key = (height, width, channels)
+        if key not in self._index:
+            self._index[key] = self._build(height, width, channels)
+        return self._index[key]
+
+    def _build(self, height: int, width: int, channels: int):
+        axes = []
+        for size, kernel, stride, dilation in zip((height, width), self.kernel, self.strides, self.dilation):
+            before, after = ops.same_padding(size, kernel, stride, dilation) if self.padding == "same" else (0, 0)
+            span = (kernel - 1) * dilation + 1
+            if size + before + after < span:
+                raise ValueError(f"window {span} larger than the padded input {size + before + after}")
+            out = (size + before + after - span) // stride + 1
+            cells = np.arange(out)[:, None] * stride - before + np.arange(kernel)[None, :] * dilation  # (out, kernel)
+            axes.append((out, cells, (cells >= 0) & (cells < size)))
+        (ho, rows, rows_ok), (wo, cols, cols_ok) = axes
+        pixel = rows[:, None, :, None] * width + cols[None, :, None, :]  # (Ho, Wo, kh, kw)
+        valid = rows_ok[:, None, :, None] & cols_ok[None, :, None, :]
+        flat = pixel[..., None] * channels + np.arange(channels)  # (Ho, Wo, kh, kw, C)
+        flat = np.where(valid[..., None], flat, height * width * channels)
+        kh, kw = self.kernel
+        counts = valid.reshape(ho * wo, kh * kw).sum(axis=1)
+        return flat.reshape(ho * wo, kh * kw, channels).astype(np.intp), (ho, wo), counts
+
+    def __call__(self, x: np.ndarray, fill: float) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+        """The windows of ``x`` (N, Ho * Wo, kh * kw, C), the output size and the valid cells per window."""
+        n, height, width, channels = x.shape
+        index, size, counts = self.index(height, width, channels)
+        flat = np.empty((n, height * width * channels + 1), x.dtype)
+        flat[:, :-1] = x.reshape(n, -1)
+        flat[:, -1] = fill
+        return flat[:, index], size, counts
+
+
 class CSRConv2D(_ProductOp, ops.Conv2D):
-    """`conv2d` as im2col windows times the CSR kernel."""
+    """`conv2d` as gathered windows (`Windows`) times the CSR kernel."""
 
     def prepare(self, weights):
         self.kernel_shape = tuple(weights["kernel"].shape)
+        self.windows = Windows(self.kernel_shape[:2], self.attrs["strides"], self.attrs["padding"],
+                               self.attrs.get("dilation", (1, 1)))
         super().prepare(weights)
 
     def _run(self, x):
         kh, kw, cin, cout = self.kernel_shape
         if x.shape[-1] != cin:
             raise ValueError(f"expected {cin} input channels, got {x.shape[-1]}")
-        windows, _ = ops.conv_windows(
-            x.astype(np.float32, copy=False), (kh, kw), self.attrs["strides"], self.attrs["padding"],
-            self.attrs.get("dilation", (1, 1)),
-        )
-        n, ho, wo = windows.shape[:3]
-        patches = windows.reshape(n * ho * wo, kh * kw * cin)
-        return self._finish(self.product(patches).reshape(n, ho, wo, cout))
+        patches, (ho, wo), _ = self.windows(x.astype(np.float32, copy=False), fill=0.0)
+        n = x.shape[0]
+        return self._finish(self.product(patches.reshape(n * ho * wo, kh * kw * cin)).reshape(n, ho, wo, cout))
+
+
+class GatherMaxPool2D(ops.MaxPool2D):
+    """`max_pool2d` over gathered windows; padding cells hold -inf, as in the reference."""
+
+    def prepare(self, weights):
+        self.windows = Windows(self.attrs["pool_size"], self.attrs["strides"], self.attrs["padding"])
+
+    def _run(self, x):
+        patches, (ho, wo), _ = self.windows(x, fill=-np.inf)
+        return patches.max(axis=2).reshape(x.shape[0], ho, wo, x.shape[-1])
+
+
+class GatherAvgPool2D(ops.AvgPool2D):
+    """`avg_pool2d` over gathered windows; the mean counts only cells inside the input, as in the reference."""
+
+    def prepare(self, weights):
+        self.windows = Windows(self.attrs["pool_size"], self.attrs["strides"], self.attrs["padding"])
+
+    def _run(self, x):
+        patches, (ho, wo), counts = self.windows(x, fill=0.0)
+        means = patches.sum(axis=2) / counts[:, None].astype(x.dtype)
+        return means.astype(x.dtype, copy=False).reshape(x.shape[0], ho, wo, x.shape[-1])
 
 
 def runtime_ops(threads: int | None = None) -> dict:
@@ -213,6 +294,8 @@ def runtime_ops(threads: int | None = None) -> dict:
         **ops.OPS,
         "dense": functools.partial(CSRDense, threads=threads),
         "conv2d": functools.partial(CSRConv2D, threads=threads),
+        "max_pool2d": GatherMaxPool2D,
+        "avg_pool2d": GatherAvgPool2D,
     }
 
 

@@ -145,6 +145,38 @@ def test_csr_conv2d_matches_the_reference_op(backend, case, dtype, batch):
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=1e-5)
 
 
+POOL_CASES = [
+    # (image, pool size, strides, padding)
+    ((8, 8, 3), (2, 2), (2, 2), "valid"),
+    ((7, 9, 2), (3, 3), (2, 2), "same"),  # the extra padding cell goes after, as in TensorFlow
+    ((5, 6, 1), (2, 3), (1, 2), "same"),
+    ((6, 5, 4), (3, 2), (3, 1), "valid"),  # windows that do not tile the input
+    ((1, 1, 2), (2, 2), (2, 2), "same"),  # a window larger than the input, all padding but one cell
+]
+
+
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[3]}")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gathered_pooling_matches_the_reference_op(op, case, batch):
+    image, pool, strides, padding = case
+    node = Node("pool", op, ("x",), {}, {"pool_size": pool, "strides": strides, "padding": padding})
+    reference, fast = ops.bind(node, {}), kernels.runtime_ops()[op](node, {})
+    x = np.random.default_rng(batch).normal(0, 1, (batch, *image)).astype(np.float32)
+    for _ in range(2):  # the second run reuses the cached window index
+        expected, got = reference.run(x), fast.run(x)
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_windows_are_indexed_per_input_size():
+    windows = kernels.Windows((3, 3), strides=(1, 1), padding="same")
+    small, _, _ = windows(np.ones((1, 4, 4, 2), np.float32), fill=0.0)
+    large, _, _ = windows(np.ones((2, 6, 5, 2), np.float32), fill=0.0)
+    assert small.shape == (1, 16, 9, 2) and large.shape == (2, 30, 9, 2)
+    assert small[0, 0].sum() == 4 * 2  # the corner window holds 4 cells of the input, 5 of padding
+
+
 def test_a_dense_kernel_kept_dense_runs_through_blas(backend):
     rng = np.random.default_rng(5)
     kernel = rng.normal(0, 1, (6, 4)).astype(np.float32)
