@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
@@ -111,15 +110,7 @@ def test_every_task_matches_keras(zoo_name, batch, zoo_exports, request):
 
 
 def test_tensorflow_same_padding_strides_and_dilation_match_keras(out):
-    # Even sizes with strides 2 make TensorFlow pad one cell after and none before.
-    keras.utils.set_random_seed(3)
-    x = keras.Input((8, 8, 2), name="image")
-    h = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="strided")(x)  # 4x4, pads (0, 1)
-    h = keras.layers.AveragePooling2D(3, strides=2, padding="same", name="avg")(h)  # 2x2, pads (0, 1)
-    h = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same", name="dilated")(h)  # 2x2, pads (2, 2)
-    h = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="max")(h)  # 1x1, pads (0, 1)
-    y = keras.layers.Dense(3, name="y")(keras.layers.Flatten()(h))
-    model = keras.Model(x, y)
+    model = zoo.build_padding()
     cm = mann_edge.compact(model)
     run = coreml.runner(coreml.export(cm, out / "padding"))
     batch = np.random.default_rng(0).normal(size=(5, 8, 8, 2)).astype("float32")
@@ -133,37 +124,8 @@ def test_validate_reports_float32_parity(zoo_exports, mixed_compact):
     assert {check.task for check in report.checks} == set(mixed_compact.task_names)
 
 
-def _parametrized_activations_model() -> CompactModel:
-    """One task per activation with non-default parameters (Keras layers use the defaults by name)."""
-    rng = np.random.default_rng(1)
-    activations = [
-        {"name": "relu", "negative_slope": 0.1, "max_value": 1.5, "threshold": 0.2},
-        {"name": "relu", "max_value": 0.8},
-        {"name": "leaky_relu", "negative_slope": 0.05},
-        {"name": "elu", "alpha": 0.5},
-        {"name": "celu", "alpha": 2.0},
-        {"name": "gelu", "approximate": True},
-        {"name": "hard_shrink", "threshold": 0.3},
-        {"name": "soft_shrink", "threshold": 0.3},
-        {"name": "threshold", "threshold": 0.1, "default_value": -2.0},
-        {"name": "squareplus", "b": 1.0},
-        {"name": "softmax", "axis": 1},
-        {"name": "log_softmax", "axis": 1},
-        {"name": "sparsemax", "axis": 1},
-        {"name": "glu", "axis": 1},
-    ]
-    x = TensorSpec("x", (None, 6))
-    nodes = [Node("dense", "dense", ("x",), {"kernel": "kernel"}, {}, (None, 8))]
-    tasks = []
-    for i, activation in enumerate(activations):
-        width = 4 if activation["name"] == "glu" else 8
-        nodes.append(Node(f"act{i}", "activation", ("dense",), {}, {"activation": activation}, (None, width)))
-        tasks.append(Task(f"{activation['name']}_{i}", (x,), (TensorSpec(f"y{i}", (None, width)),), (f"act{i}",)))
-    return CompactModel([x], nodes, tasks, {"kernel": rng.normal(0, 1, (6, 8)).astype("float32")})
-
-
 def test_activation_parameters_follow_the_reference(out):
-    cm = _parametrized_activations_model()
+    cm = zoo.parametrized_activations()
     path = coreml.export(cm, out / "activation_parameters")
     coreml.validate(cm, path).raise_for_errors()
 
@@ -229,7 +191,7 @@ def test_per_task_packages_carry_the_manifest_and_their_task(zoo_exports, mixed_
 
 
 def test_task_names_are_sanitized_for_files_and_kept_in_metadata(out):
-    cm = _parametrized_activations_model()
+    cm = zoo.parametrized_activations()
     renamed = [Task(f"task/{i} é", t.inputs, t.outputs, t.output_tensors) for i, t in enumerate(cm.tasks[:2])]
     cm = CompactModel(cm.inputs, cm.nodes, renamed, cm.weights)
     path = coreml.export(cm, out / "odd_names")

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import keras
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -127,15 +126,7 @@ def test_every_task_matches_keras(zoo_name, batch, zoo_exports, request):
 
 
 def test_tensorflow_same_padding_strides_and_dilation_match_keras(out):
-    # Even sizes with strides 2 make TensorFlow pad one cell after and none before.
-    keras.utils.set_random_seed(3)
-    x = keras.Input((8, 8, 2), name="image")
-    h = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="strided")(x)  # 4x4, pads (0, 1)
-    h = keras.layers.AveragePooling2D(3, strides=2, padding="same", name="avg")(h)  # 2x2, pads (0, 1)
-    h = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same", name="dilated")(h)  # 2x2, pads (2, 2)
-    h = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="max")(h)  # 1x1, pads (0, 1)
-    y = keras.layers.Dense(3, name="y")(keras.layers.Flatten()(h))
-    model = keras.Model(x, y)
+    model = zoo.build_padding()
     cm = mann_edge.compact(model)
     session = mann_edge.runtime.load(onnx_export.export(cm, out / "padding"))
     batch = np.random.default_rng(0).normal(size=(5, 8, 8, 2)).astype("float32")
@@ -143,45 +134,8 @@ def test_tensorflow_same_padding_strides_and_dilation_match_keras(out):
     np.testing.assert_allclose(got, zoo.keras_outputs(model, batch)[0], atol=1e-5, rtol=0)
 
 
-def _parametrized_activations_model() -> CompactModel:
-    """One task per activation with non-default parameters, on 2-D and (for the axis ones) 3-D tensors."""
-    rng = np.random.default_rng(1)
-    activations = [
-        ({"name": "relu", "negative_slope": 0.1, "max_value": 1.5, "threshold": 0.2}, "flat"),
-        ({"name": "relu", "max_value": 0.8}, "flat"),
-        ({"name": "relu", "threshold": 0.3}, "flat"),
-        ({"name": "leaky_relu", "negative_slope": 0.05}, "flat"),
-        ({"name": "elu", "alpha": 0.5}, "flat"),
-        ({"name": "celu", "alpha": 2.0}, "flat"),
-        ({"name": "gelu", "approximate": True}, "flat"),
-        ({"name": "hard_shrink", "threshold": 0.3}, "flat"),
-        ({"name": "soft_shrink", "threshold": 0.3}, "flat"),
-        ({"name": "threshold", "threshold": 0.1, "default_value": -2.0}, "flat"),
-        ({"name": "squareplus", "b": 1.0}, "flat"),
-        ({"name": "softmax", "axis": 1}, "grid"),
-        ({"name": "log_softmax", "axis": 1}, "grid"),
-        ({"name": "sparsemax", "axis": 1}, "flat"),
-        ({"name": "sparsemax", "axis": 1}, "grid"),
-        ({"name": "glu", "axis": 1}, "grid"),
-    ]
-    x = TensorSpec("x", (None, 6))
-    nodes = [
-        Node("dense", "dense", ("x",), {"kernel": "kernel"}, {}, (None, 8)),
-        Node("grid", "reshape", ("dense",), {}, {"shape": [2, -1]}, (None, 2, 4)),
-    ]
-    tasks = []
-    for i, (activation, source) in enumerate(activations):
-        shape = (None, 8) if source == "flat" else (None, 2, 4)
-        if activation["name"] == "glu":
-            shape = (None, 1, 4)
-        nodes.append(Node(f"act{i}", "activation", ("dense" if source == "flat" else "grid",), {},
-                          {"activation": activation}, shape))
-        tasks.append(Task(f"{activation['name']}_{i}", (x,), (TensorSpec(f"y{i}", shape),), (f"act{i}",)))
-    return CompactModel([x], nodes, tasks, {"kernel": rng.normal(0, 2, (6, 8)).astype("float32")})
-
-
 def test_activation_parameters_and_axes_follow_the_reference(out):
-    cm = _parametrized_activations_model()
+    cm = zoo.parametrized_activations()
     report = onnx_export.validate(cm, onnx_export.export(cm, out / "activation_parameters")).raise_for_errors()
     assert {check.task for check in report.checks} == set(cm.task_names)
 

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from mann_edge.graph.activations import ACTIVATIONS
+from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
 from mann_edge.layers import (
     FilterLayer,
     MaskedConv2D,
@@ -131,6 +132,61 @@ def build_pruned_mlp(seed: int = 0) -> keras.Model:
     model = keras.Model([a, b], [SelectorLayer(0, name="task_a")(h), SelectorLayer(1, name="task_b")(h)])
     mask_model(model, 90, method="magnitude")
     return model
+
+
+def build_padding() -> keras.Model:
+    """Convolutions and pooling where TensorFlow's 'same' padding is uneven (strides 2 on even sizes) or dilated."""
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8, 8, 2), name="image")
+    h = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="strided")(x)  # 4x4, pads (0, 1)
+    h = keras.layers.AveragePooling2D(3, strides=2, padding="same", name="avg")(h)  # 2x2, pads (0, 1)
+    h = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same", name="dilated")(h)  # 2x2, pads (2, 2)
+    h = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="max")(h)  # 1x1, pads (0, 1)
+    y = keras.layers.Dense(3, name="y")(keras.layers.Flatten()(h))
+    return keras.Model(x, y)
+
+
+def parametrized_activations() -> CompactModel:
+    """A compact model with one task per activation with non-default parameters, on 2-D and (axis ones) 3-D tensors.
+
+    Keras layers name their activations with the defaults, so the parameters are tested on a model built
+    directly; every format checks it against the numpy reference.
+    """
+    rng = np.random.default_rng(1)
+    activations = [
+        ({"name": "relu", "negative_slope": 0.1, "max_value": 1.5, "threshold": 0.2}, "flat"),
+        ({"name": "relu", "max_value": 0.8}, "flat"),
+        ({"name": "relu", "max_value": 6.0}, "flat"),
+        ({"name": "relu", "threshold": 0.3}, "flat"),
+        ({"name": "leaky_relu", "negative_slope": 0.05}, "flat"),
+        ({"name": "elu", "alpha": 0.5}, "flat"),
+        ({"name": "celu", "alpha": 2.0}, "flat"),
+        ({"name": "gelu", "approximate": True}, "flat"),
+        ({"name": "hard_shrink", "threshold": 0.3}, "flat"),
+        ({"name": "soft_shrink", "threshold": 0.3}, "flat"),
+        ({"name": "threshold", "threshold": 0.1, "default_value": -2.0}, "flat"),
+        ({"name": "squareplus", "b": 1.0}, "flat"),
+        ({"name": "softmax", "axis": 1}, "flat"),
+        ({"name": "softmax", "axis": 1}, "grid"),
+        ({"name": "log_softmax", "axis": 1}, "grid"),
+        ({"name": "sparsemax", "axis": 1}, "flat"),
+        ({"name": "sparsemax", "axis": 1}, "grid"),
+        ({"name": "glu", "axis": 1}, "grid"),
+    ]
+    x = TensorSpec("x", (None, 6))
+    nodes = [
+        Node("dense", "dense", ("x",), {"kernel": "kernel"}, {}, (None, 8)),
+        Node("grid", "reshape", ("dense",), {}, {"shape": [2, -1]}, (None, 2, 4)),
+    ]
+    tasks = []
+    for i, (activation, source) in enumerate(activations):
+        shape = (None, 8) if source == "flat" else (None, 2, 4)
+        if activation["name"] == "glu":
+            shape = (None, 1, 4)
+        nodes.append(Node(f"act{i}", "activation", ("dense" if source == "flat" else "grid",), {},
+                          {"activation": activation}, shape))
+        tasks.append(Task(f"{activation['name']}_{i}", (x,), (TensorSpec(f"y{i}", shape),), (f"act{i}",)))
+    return CompactModel([x], nodes, tasks, {"kernel": rng.normal(0, 1, (6, 8)).astype("float32")})
 
 
 def sample_batch(model: keras.Model, batch: int, seed: int = 0) -> list[np.ndarray]:
