@@ -38,11 +38,7 @@ def bundles(tmp_path_factory, mixed_compact, multiconv_compact, activations_comp
 def test_legacy_fixture_reproduces_the_recorded_outputs_and_accuracies(name, bundles, legacy_compacts):
     session = mann_edge.runtime.load(bundles[f"legacy_{name}"])
     assert isinstance(session, BundleSession)
-    ref = zoo.legacy_reference(name)
-    for index, task in enumerate(legacy_compacts[name].tasks):
-        (got,) = session.run(task.name, ref[f"x{index}"])
-        np.testing.assert_allclose(got, ref[f"out{index}"], atol=1e-5, rtol=0)
-        assert (got.argmax(1) == ref[f"y{index}"]).mean() == ref[f"acc{index}"]
+    zoo.check_legacy_fixture(session.run, legacy_compacts[name], name)
 
 
 @pytest.mark.parametrize("name", zoo.LEGACY_NAMES)
@@ -61,15 +57,9 @@ def test_legacy_models_match_keras_at_batch_1_and_32(name, batch, bundles, legac
 @pytest.mark.parametrize("batch", [1, 32])
 def test_every_task_matches_keras(zoo_name, batch, bundles, request):
     keras_model = request.getfixturevalue(f"{zoo_name}_model")
-    arrays = zoo.sample_batch(keras_model, batch, seed=batch)
-    by_name = {kt.name: array for kt, array in zip(keras_model.inputs, arrays)}
-    expected = dict(zip(keras_model.output_names, zoo.keras_outputs(keras_model, arrays if len(arrays) > 1 else arrays[0])))
+    compact = request.getfixturevalue(f"{zoo_name}_compact")
     session = mann_edge.runtime.load(bundles[zoo_name])
-    for task in session.tasks:
-        outputs = session.run(task.name, {spec.name: by_name[spec.name] for spec in task.inputs})
-        for spec, got in zip(task.outputs, outputs):
-            assert got.shape == expected[spec.name].shape
-            np.testing.assert_allclose(got, expected[spec.name], atol=1e-5, rtol=0, err_msg=f"task {task.name}")
+    zoo.check_matches_keras(session.run, keras_model, compact, batch)
 
 
 def test_a_task_reads_only_the_inputs_it_needs(mixed_compact):

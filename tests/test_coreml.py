@@ -85,11 +85,7 @@ def pruned(out, pruned_compact):
 @pytest.mark.parametrize("name", zoo.LEGACY_NAMES)
 def test_legacy_fixture_reproduces_the_recorded_outputs_and_accuracies(name, legacy_exports, legacy_compacts):
     run = coreml.runner(legacy_exports[name])
-    ref = zoo.legacy_reference(name)
-    for index, task in enumerate(legacy_compacts[name].tasks):
-        (got,) = run(task.name, {task.inputs[0].name: ref[f"x{index}"]})
-        np.testing.assert_allclose(got, ref[f"out{index}"], atol=1e-5, rtol=0)
-        assert (got.argmax(1) == ref[f"y{index}"]).mean() == ref[f"acc{index}"]
+    zoo.check_legacy_fixture(run, legacy_compacts[name], name)
 
 
 @pytest.mark.parametrize("zoo_name", ["mixed", "multiconv", "activations"])
@@ -97,16 +93,8 @@ def test_legacy_fixture_reproduces_the_recorded_outputs_and_accuracies(name, leg
 def test_every_task_matches_keras(zoo_name, batch, zoo_exports, request):
     keras_model = request.getfixturevalue(f"{zoo_name}_model")
     compact = request.getfixturevalue(f"{zoo_name}_compact")
-    arrays = zoo.sample_batch(keras_model, batch, seed=batch)
-    by_name = {kt.name: array for kt, array in zip(keras_model.inputs, arrays)}
-    keras_inputs = arrays if len(arrays) > 1 else arrays[0]
-    expected = dict(zip(keras_model.output_names, zoo.keras_outputs(keras_model, keras_inputs)))
     run = coreml.runner(zoo_exports[zoo_name])
-    for task in compact.tasks:
-        outputs = run(task.name, {spec.name: by_name[spec.name] for spec in task.inputs})
-        for spec, got in zip(task.outputs, outputs):
-            assert got.shape == expected[spec.name].shape
-            np.testing.assert_allclose(got, expected[spec.name], atol=1e-5, rtol=0, err_msg=f"task {task.name}")
+    zoo.check_matches_keras(run, keras_model, compact, batch)
 
 
 def test_tensorflow_same_padding_strides_and_dilation_match_keras(out):

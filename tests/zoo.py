@@ -212,3 +212,25 @@ def legacy_reference(name: str) -> dict:
     """The recorded inputs, labels, outputs and accuracies of a legacy fixture."""
     with np.load(LEGACY / f"{name}.npz") as data:
         return {key: data[key] for key in data.files}
+
+
+def check_legacy_fixture(run, compact: CompactModel, name: str) -> None:
+    """Legacy fixture ``name`` through ``run(task, {input: x})``: the recorded outputs (1e-5) and accuracies (exact)."""
+    ref = legacy_reference(name)
+    for index, task in enumerate(compact.tasks):
+        (got,) = run(task.name, {task.inputs[0].name: ref[f"x{index}"]})
+        np.testing.assert_allclose(got, ref[f"out{index}"], atol=1e-5, rtol=0, err_msg=f"{name} task {task.name}")
+        assert (got.argmax(1) == ref[f"y{index}"]).mean() == ref[f"acc{index}"]
+
+
+def check_matches_keras(run, keras_model: keras.Model, compact: CompactModel, batch: int) -> None:
+    """Every task of ``compact`` through ``run(task, inputs by name)`` equals ``keras_model`` within 1e-5."""
+    arrays = sample_batch(keras_model, batch, seed=batch)
+    by_name = {kt.name: array for kt, array in zip(keras_model.inputs, arrays)}
+    expected = keras_outputs(keras_model, arrays if len(arrays) > 1 else arrays[0])
+    expected = dict(zip(keras_model.output_names, expected))
+    for task in compact.tasks:
+        outputs = run(task.name, {spec.name: by_name[spec.name] for spec in task.inputs})
+        for spec, got in zip(task.outputs, outputs):
+            assert got.shape == expected[spec.name].shape
+            np.testing.assert_allclose(got, expected[spec.name], atol=1e-5, rtol=0, err_msg=f"task {task.name}")
