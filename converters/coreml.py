@@ -59,7 +59,7 @@ from mann_edge.bundle import manifest_of
 from mann_edge.converters.validation import ValidationReport, compare, tolerances
 from mann_edge.converters.lowering import check_nodes
 from mann_edge.errors import ConversionError
-from mann_edge.files import atomic_output
+from mann_edge.files import atomic_output, file_stems
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE, normalize_activation
 from mann_edge.graph.model import CompactModel, Node
 from mann_edge.graph.ops import same_padding
@@ -178,16 +178,6 @@ def _identifier(name: str, taken: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9_]", "_", name) or "_"
     if base[0].isdigit():
         base = f"_{base}"
-    candidate, suffix = base, 2
-    while candidate.lower() in taken:
-        candidate, suffix = f"{base}_{suffix}", suffix + 1
-    taken.add(candidate.lower())
-    return candidate
-
-
-def _file_stem(name: str, taken: set[str]) -> str:
-    """A file stem for a task's package; unique ignoring case (macOS file systems ignore it)."""
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "task"
     candidate, suffix = base, 2
     while candidate.lower() in taken:
         candidate, suffix = f"{base}_{suffix}", suffix + 1
@@ -818,7 +808,7 @@ def export(model: CompactModel, path: "str | os.PathLike", *, dtype: str = "floa
     with atomic_output(path, force=force, directory=True) as tmp, tempfile.TemporaryDirectory(
         prefix="mann_edge_coreml_"
     ) as staging, _gc_frozen():
-        stems: set[str] = set()
+        stems = file_stems(names)
         functions: set[str] = set()
         built = []
         for name in names:
@@ -829,7 +819,7 @@ def export(model: CompactModel, path: "str | os.PathLike", *, dtype: str = "floa
                 entry = PackageTask(name, path, function, task_program.inputs, task_program.outputs)
                 package = Path(staging) / f"{len(built)}{PACKAGE_SUFFIX}"
             else:
-                package = tmp / f"{_file_stem(name, stems)}{PACKAGE_SUFFIX}"
+                package = tmp / f"{stems[name]}{PACKAGE_SUFFIX}"
                 entry = PackageTask(name, path / package.name, None, task_program.inputs, task_program.outputs)
                 _describe(mlmodel, manifest_text, dtype, [entry], f"mann-edge task {name!r} ({dtype})")
             mlmodel.save(str(package))

@@ -59,7 +59,7 @@ from mann_edge.bundle import manifest_of
 from mann_edge.converters.validation import ValidationReport, compare, tolerances
 from mann_edge.converters.lowering import check_nodes
 from mann_edge.errors import ConversionError
-from mann_edge.files import atomic_output
+from mann_edge.files import atomic_output, file_stems
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE, normalize_activation
 from mann_edge.graph.model import CompactModel, Node, Task
 from mann_edge.graph.ops import same_padding
@@ -347,25 +347,13 @@ def _value_info(spec, output: bool = False):
 
 
 def file_names(task_names: Sequence[str]) -> dict[str, str]:
-    """Task name -> its file name in an export: letters, digits, '-', '_' and '.' kept, the rest '_'.
-
-    Names that would clash (also ignoring case, for macOS and Windows) get a numbered suffix.
+    """Task name -> its file name in an export (`mann_edge.files.file_stems` + '.onnx').
 
     Example:
         >>> file_names(["digits", "a/b", "A/B"])
         {'digits': 'digits.onnx', 'a/b': 'a_b.onnx', 'A/B': 'A_B_2.onnx'}
     """
-    result: dict[str, str] = {}
-    taken: set[str] = set()
-    for name in task_names:
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip(".") or "task"
-        candidate, count = stem, 1
-        while candidate.lower() in taken:
-            count += 1
-            candidate = f"{stem}_{count}"
-        taken.add(candidate.lower())
-        result[name] = candidate + SUFFIX
-    return result
+    return {name: stem + SUFFIX for name, stem in file_stems(task_names).items()}
 
 
 def artifact_name(**export_options) -> str:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from mann_edge.errors import OutputExistsError
 
-__all__ = ["atomic_output", "check_writable_dir", "sha256_file"]
+__all__ = ["atomic_output", "check_writable_dir", "sha256_file", "file_stems"]
 
 
 @contextlib.contextmanager
@@ -89,3 +90,26 @@ def sha256_file(path: "str | os.PathLike") -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_stems(names: Iterable[str]) -> dict[str, str]:
+    """Name -> a file stem for it: letters, digits, '-', '_' and '.' kept, the rest '_'.
+
+    Stems that would clash get a numbered suffix, ignoring case too (macOS and Windows
+    file systems do), so every task of an export gets its own file.
+
+    Example:
+        >>> file_stems(["digits", "a/b", "A/B"])
+        {'digits': 'digits', 'a/b': 'a_b', 'A/B': 'A_B_2'}
+    """
+    result: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip(".") or "task"
+        candidate, count = stem, 1
+        while candidate.lower() in taken:
+            count += 1
+            candidate = f"{stem}_{count}"
+        taken.add(candidate.lower())
+        result[name] = candidate
+    return result
