@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
+
 from mann_edge import converters
 from mann_edge.converters.validation import ValidationReport, compare, tolerances
 from mann_edge.errors import OutputExistsError
@@ -133,8 +135,8 @@ def convert(
     for step, (name, path) in enumerate(paths.items(), start=2):
         say(f"[{step}/{steps}] {name}: writing {path}")
         start = time.perf_counter()
-        if name == "mann":
-            model.save(path, force=force)
+        if name == "mann":  # the bundle holds float16 values too; int8 is TFLite's alone
+            (model.astype(dtype) if dtype == "float16" else model).save(path, force=force)
         else:
             converters.get(name).export(model, path, dtype=dtype, force=force, **options.get(name, {}))
         result.seconds[name] = time.perf_counter() - start
@@ -178,7 +180,8 @@ def verify_artifact(model: CompactModel, path: "str | os.PathLike", format: str,
     from mann_edge.runtime.bundle import BundleSession
 
     session = BundleSession(path)
-    atol, rtol = tolerances("float32")
+    halves = any(np.dtype(weight.dtype) == np.float16 for weight in session.model.weights.values())
+    atol, rtol = tolerances("float16" if halves else "float32")
     return compare(model, session.run, format="mann", artifact=str(path), atol=atol, rtol=rtol, tasks=tasks)
 
 
