@@ -8,7 +8,6 @@ the export needs no DENSIFY op. Every file is run by LiteRT through `mann_edge.r
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -34,24 +33,6 @@ def build_block_mann(block_size: int, seed: int = 0) -> keras.Model:
     model = keras.Model([a, b], [SelectorLayer(0, name="task_a")(h), SelectorLayer(1, name="task_b")(h)])
     mask_model(model, 90, method="magnitude", block_size=block_size)
     return model
-
-
-def _sparse_blocks(path: Path) -> list[tuple[str, int]]:
-    """(type name, inputs per block) of every sparse-encoded constant of a TFLite file; 1 for unblocked."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    names = {code: name for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
-    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)
-    result = []
-    for g in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(g)
-        for i in range(subgraph.TensorsLength()):
-            sparsity = subgraph.Tensors(i).Sparsity()
-            if sparsity is not None:
-                blocked = sparsity.BlockMapLength() > 0
-                block = sparsity.DimMetadata(sparsity.DimMetadataLength() - 1).DenseSize() if blocked else 1
-                result.append((names[subgraph.Tensors(i).Type()], block))
-    return result
 
 
 def _assert_block_masks_exclusive_at_90(model: keras.Model, block_size: int) -> None:
@@ -110,7 +91,7 @@ def test_block_4_float32_export_runs_the_sparse_kernel_and_matches(block4, out):
     ops = tflite.operators(path)
     assert ops.count("FULLY_CONNECTED") == 2 * len(LAYERS)
     assert "DENSIFY" not in ops  # every kernel stays sparse at run time
-    assert _sparse_blocks(path) == [("FLOAT32", 4)] * (2 * len(LAYERS))
+    assert zoo.tflite_sparse_blocks(path) == [("FLOAT32", 4)] * (2 * len(LAYERS))
     session = mann_edge.runtime.load(path)
     for batch in (1, 32):
         for task in cm.tasks:
@@ -131,7 +112,7 @@ def test_block_16_int8_export_runs_the_sparse_int8_kernel_and_matches(block16, o
     ops = tflite.operators(path)
     assert ops.count("FULLY_CONNECTED") == 2 * len(LAYERS)
     assert "DENSIFY" not in ops
-    assert _sparse_blocks(path) == [("INT8", 16)] * (2 * len(LAYERS))
+    assert zoo.tflite_sparse_blocks(path) == [("INT8", 16)] * (2 * len(LAYERS))
     session = mann_edge.runtime.load(path)
     for batch in (1, 32):
         for task in cm.tasks:
@@ -148,4 +129,4 @@ def test_unstructured_masks_would_run_dense_behind_densify(out):
     cm = mann_edge.compact(build_block_mann(1, seed=2))
     path = tflite.export(cm, out / "unstructured.tflite")
     assert tflite.operators(path).count("DENSIFY") == 2 * len(LAYERS)
-    assert _sparse_blocks(path) == [("FLOAT32", 1)] * (2 * len(LAYERS))
+    assert zoo.tflite_sparse_blocks(path) == [("FLOAT32", 1)] * (2 * len(LAYERS))

@@ -38,22 +38,6 @@ from mann_edge.runtime.litert import (
 XNNPACK_INT8_BLOCK_BUG = platform.machine().lower() in ("x86_64", "amd64") and version("ai-edge-litert").startswith("2.3")
 
 
-def _tensor_types(path: Path) -> list[tuple[str, bool]]:
-    """(type name, stored sparse) of every constant tensor (one with data in a buffer) of a TFLite file."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    names = {code: name for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
-    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)
-    result = []
-    for g in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(g)
-        for i in range(subgraph.TensorsLength()):
-            tensor = subgraph.Tensors(i)
-            if model.Buffers(tensor.Buffer()).DataLength() > 0:
-                result.append((names[tensor.Type()], tensor.Sparsity() is not None))
-    return result
-
-
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     return tmp_path_factory.mktemp("tflite")
@@ -173,7 +157,7 @@ def test_1x4_block_sparse_kernels_run_the_sparse_fully_connected_kernel(out):
                       {"kernel": kernel, "bias": rng.normal(0, 1, 8).astype("float32")})
     path = tflite.export(cm, out / "blocks.tflite")
     assert tflite.operators(path) == ["FULLY_CONNECTED"]
-    assert sorted(sparse for _, sparse in _tensor_types(path)) == [False, True]  # kernel sparse, bias dense
+    assert sorted(block is not None for _, block in zoo.tflite_constants(path)) == [False, True]  # kernel sparse, bias dense
     tflite.validate(cm, path).raise_for_errors()
     tflite.validate(cm, path, use_xnnpack=False).raise_for_errors()
 
@@ -182,27 +166,9 @@ def test_float16_export_stays_within_1e_2_and_stores_float16_weights(mixed_compa
     path = tflite.export(mixed_compact, out / "mixed_fp16.tflite", dtype="float16")
     report = tflite.validate(mixed_compact, path, atol=0.0, rtol=1e-2).raise_for_errors()  # purely relative
     assert report.atol == 0.0
-    float_constants = {kind for kind, _ in _tensor_types(path) if kind.startswith("FLOAT")}
+    float_constants = {kind for kind, _ in zoo.tflite_constants(path) if kind.startswith("FLOAT")}
     assert float_constants == {"FLOAT16"}
     assert read_metadata(path)[METADATA_DTYPE] == b"float16"
-
-
-def _sparse_blocks(path: Path) -> list[tuple[str, int]]:
-    """(type name, inputs per block) of every sparse-encoded constant of a TFLite file; 1 for unblocked."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    names = {code: name for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
-    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)
-    result = []
-    for g in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(g)
-        for i in range(subgraph.TensorsLength()):
-            sparsity = subgraph.Tensors(i).Sparsity()
-            if sparsity is not None:
-                blocked = sparsity.BlockMapLength() > 0  # the block's own dimension is the last one
-                block = sparsity.DimMetadata(sparsity.DimMetadataLength() - 1).DenseSize() if blocked else 1
-                result.append((names[subgraph.Tensors(i).Type()], block))
-    return result
 
 
 def _block_sparse_compact(block: int, seed: int = 5) -> CompactModel:
@@ -235,7 +201,7 @@ def test_int8_block16_export_runs_the_sparse_kernel_and_records_the_kernels_it_w
     path = out / "blocks_int8.tflite"
     fallbacks = _export_recording_warnings(cm, path, dtype="int8")
     assert tflite.operators(path) == ["FULLY_CONNECTED", "FULLY_CONNECTED"]  # no DENSIFY: the sparse int8 kernel
-    assert _sparse_blocks(path) == [("INT8", 16), ("INT8", 16)]
+    assert zoo.tflite_sparse_blocks(path) == [("INT8", 16), ("INT8", 16)]
     metadata = read_metadata(path)
     assert metadata[METADATA_DTYPE] == b"int8"
     recorded = metadata[METADATA_USE_XNNPACK]
@@ -266,8 +232,8 @@ def test_int8_dense_export_keeps_xnnpack_where_it_runs_right(out):
     path = out / "blocks_int8_dense.tflite"
     assert _export_recording_warnings(cm, path, dtype="int8", sparse=False) == []
     assert read_metadata(path)[METADATA_USE_XNNPACK] == b"true"
-    assert not _sparse_blocks(path)
-    assert {kind for kind, _ in _tensor_types(path)} >= {"INT8"}
+    assert not zoo.tflite_sparse_blocks(path)
+    assert {kind for kind, _ in zoo.tflite_constants(path)} >= {"INT8"}
     session = mann_edge.runtime.load(path)
     assert session.use_xnnpack
     tflite.validate(cm, path).raise_for_errors()
@@ -351,13 +317,13 @@ def test_sparse_weights_are_encoded_sparse_and_densified_for_fully_connected(pru
         ops = tflite.operators(exports[label])
         assert ops.count("FULLY_CONNECTED") == 2 * 3
         assert ops.count("DENSIFY") == 2 * 3  # random (not 1x4-block) sparsity runs dense
-        assert sum(sparse for _, sparse in _tensor_types(exports[label])) == 2 * 3
-    assert {kind for kind, sparse in _tensor_types(exports["sparse16"]) if sparse} == {"FLOAT16"}
-    assert {kind for kind, sparse in _tensor_types(exports["sparse8"]) if sparse} == {"INT8"}
+        assert len(zoo.tflite_sparse_blocks(exports[label])) == 2 * 3
+    assert {kind for kind, _ in zoo.tflite_sparse_blocks(exports["sparse16"])} == {"FLOAT16"}
+    assert {kind for kind, _ in zoo.tflite_sparse_blocks(exports["sparse8"])} == {"INT8"}
     for label in ("dense32", "dense16", "dense8"):
         assert "FULLY_CONNECTED" in tflite.operators(exports[label])
         assert "DENSIFY" not in tflite.operators(exports[label])
-        assert not any(sparse for _, sparse in _tensor_types(exports[label]))
+        assert not zoo.tflite_sparse_blocks(exports[label])
 
 
 # -- runtime -------------------------------------------------------------------------------------

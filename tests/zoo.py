@@ -234,3 +234,32 @@ def check_matches_keras(run, keras_model: keras.Model, compact: CompactModel, ba
         for spec, got in zip(task.outputs, outputs):
             assert got.shape == expected[spec.name].shape
             np.testing.assert_allclose(got, expected[spec.name], atol=1e-5, rtol=0, err_msg=f"task {task.name}")
+
+
+def tflite_constants(path) -> list[tuple[str, int | None]]:
+    """(type name, inputs per sparse block) of every constant tensor of a TFLite file, in file order.
+
+    The block is None for a tensor stored dense and 1 for one stored sparse without blocks.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {code: name for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
+    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)
+    result = []
+    for g in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(g)
+        for i in range(subgraph.TensorsLength()):
+            tensor = subgraph.Tensors(i)
+            if model.Buffers(tensor.Buffer()).DataLength() == 0:
+                continue
+            sparsity, block = tensor.Sparsity(), None
+            if sparsity is not None:  # a block's own dimension is the last one
+                blocked = sparsity.BlockMapLength() > 0
+                block = sparsity.DimMetadata(sparsity.DimMetadataLength() - 1).DenseSize() if blocked else 1
+            result.append((names[tensor.Type()], block))
+    return result
+
+
+def tflite_sparse_blocks(path) -> list[tuple[str, int]]:
+    """(type name, inputs per block) of every constant a TFLite file stores sparse; 1 for unblocked."""
+    return [(kind, block) for kind, block in tflite_constants(path) if block is not None]
