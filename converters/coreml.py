@@ -59,14 +59,12 @@ from mann_edge.bundle import manifest_of
 from mann_edge.converters.validation import ValidationReport, compare, tolerances
 from mann_edge.converters.lowering import check_nodes
 from mann_edge.errors import ConversionError
+from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASKS
 from mann_edge.files import atomic_output, file_stems
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE, normalize_activation
 from mann_edge.graph.model import CompactModel, Node
 from mann_edge.graph.ops import same_padding
 from mann_edge.runtime.coreml import (
-    METADATA_DTYPE,
-    METADATA_MANIFEST,
-    METADATA_TASKS,
     PACKAGE_SUFFIX,
     FeatureIO,
     PackageTask,

@@ -78,13 +78,11 @@ from mann_edge.converters.tf_lowering import (
 )
 from mann_edge.converters.validation import ValidationReport, compare, scaled_atol, tolerances
 from mann_edge.errors import ConversionError, MannEdgeError
+from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_USE_XNNPACK
 from mann_edge.files import atomic_output
 from mann_edge.graph.model import CompactModel
 from mann_edge.runtime.litert import (
     FILE_IDENTIFIER,
-    METADATA_DTYPE,
-    METADATA_MANIFEST,
-    METADATA_USE_XNNPACK,
     LiteRTSession,
     builtin_operators,
     captured_stderr,

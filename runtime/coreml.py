@@ -33,6 +33,7 @@ import numpy as np
 
 from mann_edge.bundle import tasks_from_manifest
 from mann_edge.errors import BundleError, MannEdgeError
+from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASKS
 from mann_edge.graph.model import Task
 from mann_edge.runtime.session import Session
 
@@ -43,14 +44,8 @@ __all__ = [
     "FeatureIO",
     "read_layout",
     "import_coremltools",
-    "METADATA_MANIFEST",
-    "METADATA_TASKS",
-    "METADATA_DTYPE",
 ]
 
-METADATA_MANIFEST = "mann_edge_manifest"
-METADATA_TASKS = "mann_edge_tasks"
-METADATA_DTYPE = "mann_edge_dtype"
 PACKAGE_SUFFIX = ".mlpackage"
 
 # What coremltools would import at its own import only to offer converters we never use.

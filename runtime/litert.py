@@ -34,14 +34,12 @@ import numpy as np
 
 from mann_edge.bundle import tasks_from_manifest
 from mann_edge.errors import MannEdgeError
+from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_USE_XNNPACK
 from mann_edge.graph.model import Task
 from mann_edge.runtime.session import Session
 
 __all__ = [
     "LiteRTSession",
-    "METADATA_MANIFEST",
-    "METADATA_DTYPE",
-    "METADATA_USE_XNNPACK",
     "FILE_IDENTIFIER",
     "read_metadata",
     "read_manifest",
@@ -50,10 +48,6 @@ __all__ = [
     "captured_stderr",
 ]
 
-METADATA_MANIFEST = "mann_edge_manifest"
-METADATA_DTYPE = "mann_edge_dtype"
-# b"false" when the export's verification found the XNNPACK delegate wrong on it; absent or b"true": XNNPACK is fine.
-METADATA_USE_XNNPACK = "mann_edge_use_xnnpack"
 FILE_IDENTIFIER = b"TFL3"
 
 T = TypeVar("T")

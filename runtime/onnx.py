@@ -29,22 +29,17 @@ import numpy as np
 
 from mann_edge.bundle import tasks_from_manifest
 from mann_edge.errors import BundleError, MannEdgeError
+from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASK
 from mann_edge.graph.model import Task
 from mann_edge.runtime.session import Session
 
 __all__ = [
     "OnnxSession",
-    "METADATA_MANIFEST",
-    "METADATA_TASK",
-    "METADATA_DTYPE",
     "SUFFIX",
     "read_metadata",
     "read_manifest",
 ]
 
-METADATA_MANIFEST = "mann_edge_manifest"
-METADATA_TASK = "mann_edge_task"
-METADATA_DTYPE = "mann_edge_dtype"
 SUFFIX = ".onnx"
 
 # ModelProto's fields (onnx/onnx.proto): number -> protobuf wire type (0 varint, 2 length-delimited).
