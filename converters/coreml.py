@@ -56,7 +56,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from mann_edge.bundle import manifest_of
-from mann_edge.converters.validation import ValidationReport, compare, tolerances
+from mann_edge.converters.validation import DEFAULT_BATCHES, ValidationReport, compare, tolerances
 from mann_edge.converters.lowering import check_nodes
 from mann_edge.errors import ConversionError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASKS
@@ -883,8 +883,10 @@ def runner(path: "str | os.PathLike") -> Callable[[str, Mapping[str, np.ndarray]
 
 
 def validate(model: CompactModel, path: "str | os.PathLike", *, atol: float | None = None, rtol: float | None = None,
-             tasks: Sequence[str] | None = None) -> ValidationReport:
+             tasks: Sequence[str] | None = None, batches: Sequence[int] = DEFAULT_BATCHES) -> ValidationReport:
     """Runs the export at ``path`` on sample inputs (batch 1 and 8) and compares it with the compact model.
+
+    Every task of ``model`` (or ``tasks``) is checked: one the export lacks fails the report.
 
     The export runs through `runner`: Core ML on macOS, the numpy evaluation of the saved
     ML programs elsewhere. Default tolerances follow the dtype recorded in the packages.
@@ -896,5 +898,5 @@ def validate(model: CompactModel, path: "str | os.PathLike", *, atol: float | No
     default_atol, default_rtol = tolerances(layout.dtype)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
-    names = list(tasks) if tasks else [name for name in model.task_names if name in layout.entries]
-    return compare(model, runner(path), format=FORMAT, artifact=str(path), atol=atol, rtol=rtol, tasks=names)
+    return compare(model, runner(path), format=FORMAT, artifact=str(path), atol=atol, rtol=rtol, tasks=tasks,
+                   batches=batches)

@@ -56,7 +56,7 @@ import numpy as np
 
 from mann_edge._version import __version__
 from mann_edge.bundle import manifest_of
-from mann_edge.converters.validation import ValidationReport, compare, tolerances
+from mann_edge.converters.validation import DEFAULT_BATCHES, ValidationReport, compare, tolerances
 from mann_edge.converters.lowering import check_nodes
 from mann_edge.errors import ConversionError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASK
@@ -419,11 +419,13 @@ def validate(
     atol: float | None = None,
     rtol: float | None = None,
     tasks: Sequence[str] | None = None,
+    batches: Sequence[int] = DEFAULT_BATCHES,
 ) -> ValidationReport:
     """Runs the export at ``path`` through onnxruntime on sample inputs (batch 1 and 8) and compares it with ``model``.
 
-    Default tolerances follow the dtype the files were exported with. A single ``.onnx``
-    file checks its one task.
+    Default tolerances follow the dtype the files were exported with. Every task of
+    ``model`` (or ``tasks``) is checked: one the export lacks fails the report, so a
+    single ``.onnx`` file is checked against a model of its one task (``tasks=[...]``).
 
     Example:
         >>> report = validate(cm, "out/onnx")
@@ -440,7 +442,8 @@ def validate(
         artifact=str(path),
         atol=default_atol if atol is None else atol,
         rtol=default_rtol if rtol is None else rtol,
-        tasks=tasks or session.task_names,
+        tasks=tasks,
+        batches=batches,
     )
 
 

@@ -76,7 +76,7 @@ from mann_edge.converters.tf_lowering import (
     build_module,
     check_lowerings,
 )
-from mann_edge.converters.validation import ValidationReport, compare, scaled_atol, tolerances
+from mann_edge.converters.validation import DEFAULT_BATCHES, ValidationReport, compare, scaled_atol, tolerances
 from mann_edge.errors import ConversionError, MannEdgeError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_USE_XNNPACK
 from mann_edge.files import atomic_output
@@ -205,6 +205,7 @@ def validate(
     rtol: float | None = None,
     tasks: Sequence[str] | None = None,
     use_xnnpack: bool | None = None,
+    batches: Sequence[int] = DEFAULT_BATCHES,
 ) -> ValidationReport:
     """Runs the export at ``path`` through LiteRT on sample inputs (batch 1 and 8) and compares it with ``model``.
 
@@ -230,6 +231,7 @@ def validate(
         atol=default_atol if atol is None else atol,
         rtol=default_rtol if rtol is None else rtol,
         tasks=tasks,
+        batches=batches,
         scaled_atol=scaled_atol(dtype),
     )
 

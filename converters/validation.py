@@ -17,7 +17,11 @@ import numpy as np
 from mann_edge.errors import ValidationError
 from mann_edge.graph.model import CompactModel, Task
 
-__all__ = ["OutputCheck", "ValidationReport", "sample_inputs", "compare", "tolerances", "scaled_atol"]
+__all__ = ["DEFAULT_BATCHES", "OutputCheck", "ValidationReport", "sample_inputs", "compare", "tolerances", "scaled_atol"]
+
+
+# Batch sizes every export is checked at: one example, and several (batched kernels, broadcasting).
+DEFAULT_BATCHES = (1, 8)
 
 
 def tolerances(dtype: str) -> tuple[float, float]:
@@ -126,7 +130,7 @@ def compare(
     atol: float,
     rtol: float,
     tasks: Sequence[str] | None = None,
-    batches: Sequence[int] = (1, 8),
+    batches: Sequence[int] = DEFAULT_BATCHES,
     seed: int = 0,
     scaled_atol: bool = False,
 ) -> ValidationReport:
@@ -156,12 +160,29 @@ def compare(
                     report.checks.append(OutputCheck(name, spec.name, batch, float("inf"), float("inf"), False,
                                                      f"shape {got.shape}, expected {want.shape}"))
                     continue
-                diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-                finite = bool(np.all(np.isfinite(got)) or np.array_equal(np.isfinite(got), np.isfinite(want)))
-                abs_error = float(np.nanmax(diff)) if diff.size else 0.0
-                rel_error = float(np.nanmax(diff / (np.abs(want) + 1e-12))) if diff.size else 0.0
-                scale = float(np.max(np.abs(want), initial=0.0)) if scaled_atol else 1.0
-                ok = finite and bool(np.all(diff <= atol * scale + rtol * np.abs(want)))
-                report.checks.append(OutputCheck(name, spec.name, batch, abs_error, rel_error, ok,
-                                                 "" if finite else "non-finite values where the reference has none"))
+                ok, problem, abs_error, rel_error = _within(want, got, atol * _scale(want, scaled_atol), rtol)
+                report.checks.append(OutputCheck(name, spec.name, batch, abs_error, rel_error, ok, problem))
     return report
+
+
+def _scale(want: np.ndarray, scaled: bool) -> float:
+    return float(np.max(np.abs(want[np.isfinite(want)]), initial=0.0)) if scaled else 1.0
+
+
+def _within(want: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> tuple[bool, str, float, float]:
+    """(ok, problem, max abs error, max rel error) of ``got`` against ``want``.
+
+    Non-finite values match where the reference has the same value (NaN for NaN, inf of the
+    same sign); the errors are measured over the positions where both are finite.
+    """
+    want64, got64 = want.astype(np.float64), got.astype(np.float64)
+    same_nonfinite = ~np.isfinite(want64) & ((want64 == got64) | (np.isnan(want64) & np.isnan(got64)))
+    finite = np.isfinite(want64) & np.isfinite(got64)
+    mismatched = ~(finite | same_nonfinite)
+    diff = np.abs(got64[finite] - want64[finite])
+    abs_error = float(diff.max(initial=0.0))
+    rel_error = float((diff / (np.abs(want64[finite]) + 1e-12)).max(initial=0.0))
+    if mismatched.any():
+        return False, f"{int(mismatched.sum())} non-finite value(s) where the reference differs", abs_error, rel_error
+    ok = bool(np.all(diff <= atol + rtol * np.abs(want64[finite])))
+    return ok, "", abs_error, rel_error
