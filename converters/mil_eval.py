@@ -5,7 +5,9 @@ into a MIL program (``coremltools.converters.mil.frontend.milproto.load``), each
 ``constexpr_*`` op is decompressed (its ``materialized_val_inference``, i.e. the
 bitmask and nonzero values of ``constexpr_sparse_to_dense`` become the dense weight),
 and every other op runs through a numpy kernel, one small function per MIL op type in
-`KERNELS`. An op type without a kernel is refused by name when the program is opened.
+`KERNELS` (registered beside it: ``@KERNELS.register("conv")``, ``fn(**inputs) -> array or
+tuple of arrays``). An op type without a kernel is refused by name when the program is
+opened. Padding and windows come from `mann_edge.graph.windows`, as in the reference ops.
 
 Each op's result is cast to the dtype its output var declares, so a float16 program
 rounds to float16 after every op (kernels compute in float32 from float16 inputs, as
@@ -24,28 +26,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 from scipy import special
 
 from mann_edge.errors import ValidationError
+from mann_edge.graph.windows import sliding_windows, window_pads
+from mann_edge.registry import Registry
 from mann_edge.runtime.coreml import import_coremltools
 
-__all__ = ["MILEvaluator", "KERNELS", "kernel"]
+__all__ = ["MILEvaluator", "KERNELS"]
 
-KERNELS: dict[str, Callable] = {}
-
-
-def kernel(*op_types: str):
-    """Registers a numpy kernel for MIL op types: ``fn(**inputs) -> array or tuple of arrays``."""
-
-    def register(fn: Callable) -> Callable:
-        for op_type in op_types:
-            KERNELS[op_type] = fn
-        return fn
-
-    return register
+KERNELS = Registry("MIL op type", owner="The numpy MIL evaluator (mann_edge.converters.mil_eval)", verb="evaluate",
+                   error=ValidationError)
 
 
 class MILEvaluator:
@@ -80,7 +74,7 @@ class MILEvaluator:
         self.input_names = list(self.function.inputs)
         self.output_names = [var.name for var in self.function.outputs]
         self._constants: dict[str, np.ndarray] = {}
-        self._steps = []
+        self._steps = []  # (op, its kernel), in program order
         for op in self.function.operations:
             if op.op_type == "const":
                 self._constants[op.outputs[0].name] = np.asarray(op.outputs[0].val)
@@ -89,14 +83,9 @@ class MILEvaluator:
                 values = values if isinstance(values, tuple) else (values,)
                 for var, value in zip(op.outputs, values):
                     self._constants[var.name] = np.asarray(value)
-            elif op.op_type in KERNELS:
-                self._steps.append(op)
             else:
-                raise ValidationError(
-                    f"Core ML package {self.path} (function {name!r}): MIL op type {op.op_type!r} (op '{op.name}') "
-                    f"has no numpy kernel in mann_edge.converters.mil_eval, so the package cannot be evaluated here. "
-                    f"Evaluated op types: {sorted(KERNELS)}"
-                )
+                where = f"op '{op.name}' of function {name!r} in Core ML package {self.path}"
+                self._steps.append((op, KERNELS.lookup(op.op_type, context=where)))
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Evaluates the function on named inputs (cast to the inputs' MIL dtypes); returns outputs by name."""
@@ -109,10 +98,10 @@ class MILEvaluator:
         for name, var in self.function.inputs.items():
             values[name] = np.asarray(inputs[name], dtype=_numpy_dtype(var.dtype))
         with np.errstate(all="ignore"):  # exp overflow, log(0): inf and nan are results, as on device
-            for op in self._steps:
+            for op, kernel in self._steps:
                 arguments = {key: _lookup(values, var) for key, var in op.inputs.items()}
                 try:
-                    results = KERNELS[op.op_type](**arguments)
+                    results = kernel(**arguments)
                 except (ValueError, TypeError, IndexError) as error:
                     raise ValidationError(
                         f"Core ML package {self.path}: evaluating op '{op.name}' ({op.op_type}) failed: {error}"
@@ -196,52 +185,52 @@ def _unary(fn):
 
 
 for _name, _fn in _BINARY.items():
-    kernel(_name)(_binary(_fn))
+    KERNELS.register(_name)(_binary(_fn))
 for _name, _fn in _UNARY.items():
-    kernel(_name)(_unary(_fn))
+    KERNELS.register(_name)(_unary(_fn))
 
 
-@kernel("log")
+@KERNELS.register("log")
 def _log(x, epsilon=1e-45):
     return np.log(x + epsilon)
 
 
-@kernel("rsqrt")
+@KERNELS.register("rsqrt")
 def _rsqrt(x, epsilon=1e-12):
     return 1.0 / np.sqrt(x + epsilon)
 
 
-@kernel("cast")
+@KERNELS.register("cast")
 def _cast(x, dtype):
     return x  # the output var's declared dtype does the cast
 
 
-@kernel("select")
+@KERNELS.register("select")
 def _select(cond, a, b):
     return np.where(cond, a, b)
 
 
-@kernel("clip")
+@KERNELS.register("clip")
 def _clip(x, alpha, beta):
     return np.minimum(np.maximum(x, alpha), beta)
 
 
-@kernel("leaky_relu")
+@KERNELS.register("leaky_relu")
 def _leaky_relu(x, alpha=0.01):
     return np.where(x >= 0, x, alpha * x)
 
 
-@kernel("elu")
+@KERNELS.register("elu")
 def _elu(x, alpha=1.0):
     return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
 
 
-@kernel("sigmoid_hard")
+@KERNELS.register("sigmoid_hard")
 def _sigmoid_hard(x, alpha=0.2, beta=0.5):
     return np.minimum(np.maximum(alpha * x + beta, 0), 1)
 
 
-@kernel("gelu")
+@KERNELS.register("gelu")
 def _gelu(x, mode="EXACT"):
     if mode == "EXACT":
         return 0.5 * x * (1.0 + special.erf(x / np.sqrt(np.float32(2.0))))
@@ -252,7 +241,7 @@ def _gelu(x, mode="EXACT"):
     raise ValueError(f"unknown gelu mode {mode!r}")
 
 
-@kernel("fill_like")
+@KERNELS.register("fill_like")
 def _fill_like(ref_tensor, value=0.0):
     return np.full(ref_tensor.shape, value)
 
@@ -268,17 +257,17 @@ def _reduction(fn):
 
 
 for _name, _fn in {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min}.items():
-    kernel(_name)(_reduction(_fn))
+    KERNELS.register(_name)(_reduction(_fn))
 
 
-@kernel("softmax")
+@KERNELS.register("softmax")
 def _softmax(x, axis=-1):
     shifted = x - np.max(x, axis=int(axis), keepdims=True)
     e = np.exp(shifted)
     return e / np.sum(e, axis=int(axis), keepdims=True)
 
 
-@kernel("topk")
+@KERNELS.register("topk")
 def _topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True):
     axis = int(axis)
     order = np.argsort(x if ascending else -x, axis=axis, kind="stable")
@@ -287,7 +276,7 @@ def _topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True):
     return (values, order.astype(np.int32)) if return_indices else values
 
 
-@kernel("cumsum")
+@KERNELS.register("cumsum")
 def _cumsum(x, axis=0, exclusive=False, reverse=False):
     axis = int(axis)
     data = np.flip(x, axis) if reverse else x
@@ -297,7 +286,7 @@ def _cumsum(x, axis=0, exclusive=False, reverse=False):
     return np.flip(total, axis) if reverse else total
 
 
-@kernel("layer_norm")
+@KERNELS.register("layer_norm")
 def _layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
     axes = _axes(axes, x.ndim)
     mean = x.mean(axis=axes, keepdims=True)
@@ -314,13 +303,13 @@ def _layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
 # -- linear algebra ------------------------------------------------------------------------------
 
 
-@kernel("linear")
+@KERNELS.register("linear")
 def _linear(x, weight, bias=None):
     y = np.matmul(x, weight.T)
     return y if bias is None else y + bias
 
 
-@kernel("matmul")
+@KERNELS.register("matmul")
 def _matmul(x, y, transpose_x=False, transpose_y=False):
     if transpose_x:
         x = np.swapaxes(x, -1, -2)
@@ -330,31 +319,23 @@ def _matmul(x, y, transpose_x=False, transpose_y=False):
 
 
 def _spatial_pads(pad_type: str, pad, spatial, kernel_sizes, strides, dilations) -> list[tuple[int, int]]:
-    """(before, after) per spatial axis for MIL's pad types ('same' puts the extra cell after)."""
-    if pad_type == "valid":
-        return [(0, 0)] * len(spatial)
+    """(before, after) per spatial axis for MIL's pad types ('same' puts the extra cell after, 'same_lower' before)."""
     if pad_type == "custom":
         pad = [int(p) for p in pad]
         return [(pad[2 * i], pad[2 * i + 1]) for i in range(len(spatial))]
-    if pad_type in ("same", "same_lower"):
-        pads = []
-        for size, k, s, d in zip(spatial, kernel_sizes, strides, dilations):
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            pads.append((small, large) if pad_type == "same" else (large, small))
-        return pads
+    if pad_type == "same_lower":
+        return [(after, before) for before, after in window_pads("same", spatial, kernel_sizes, strides, dilations)]
+    if pad_type in ("same", "valid"):
+        return window_pads(pad_type, spatial, kernel_sizes, strides, dilations)
     raise ValueError(f"unknown pad_type {pad_type!r}")
 
 
 def _windows(x, kernel_sizes, strides, dilations, pads, pad_value):
     """Sliding windows of an NCHW batch: (N, C, Ho, Wo, kh, kw)."""
-    padded = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=pad_value)
-    span = [(k - 1) * d + 1 for k, d in zip(kernel_sizes, dilations)]
-    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
-    return windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
+    return sliding_windows(x, kernel_sizes, strides, pads, dilation=dilations, axes=(2, 3), pad_value=pad_value)
 
 
-@kernel("conv")
+@KERNELS.register("conv")
 def _conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
     if x.ndim != 4:
         raise ValueError(f"conv evaluates 2-D convolutions only; input rank {x.ndim}")
@@ -383,13 +364,13 @@ def _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, pad_value):
     return _windows(x, kernel_sizes, strides, [1, 1], pads, pad_value), pads
 
 
-@kernel("max_pool")
+@KERNELS.register("max_pool")
 def _max_pool(x, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_mode=False):
     windows, _ = _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, -np.inf)
     return windows.max(axis=(-2, -1))
 
 
-@kernel("avg_pool")
+@KERNELS.register("avg_pool")
 def _avg_pool(x, kernel_sizes, strides=None, pad_type="valid", pad=None, exclude_padding_from_average=False,
               ceil_mode=False):
     windows, pads = _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, 0.0)
@@ -404,25 +385,25 @@ def _avg_pool(x, kernel_sizes, strides=None, pad_type="valid", pad=None, exclude
 # -- shapes and data movement ----------------------------------------------------------------------
 
 
-@kernel("transpose")
+@KERNELS.register("transpose")
 def _transpose(x, perm):
     return np.transpose(x, [int(p) for p in perm])
 
 
-@kernel("reshape")
+@KERNELS.register("reshape")
 def _reshape(x, shape):
     shape = [int(x.shape[i]) if int(d) == 0 else int(d) for i, d in enumerate(shape)]
     return np.reshape(x, shape)
 
 
-@kernel("concat")
+@KERNELS.register("concat")
 def _concat(values, axis, interleave=False):
     if bool(interleave):
         raise ValueError("interleaved concat is not evaluated here")
     return np.concatenate(values, axis=int(axis))
 
 
-@kernel("split")
+@KERNELS.register("split")
 def _split(x, num_splits=None, split_sizes=None, axis=0):
     axis = int(axis)
     if split_sizes is not None:
@@ -430,7 +411,7 @@ def _split(x, num_splits=None, split_sizes=None, axis=0):
     return tuple(np.split(x, int(num_splits), axis=axis))
 
 
-@kernel("gather")
+@KERNELS.register("gather")
 def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     if int(batch_dims) != 0:
         raise ValueError("gather with batch_dims is not evaluated here")
@@ -442,6 +423,6 @@ def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     return np.take(x, indices, axis=axis)
 
 
-@kernel("shape")
+@KERNELS.register("shape")
 def _shape(x):
     return np.array(x.shape, dtype=np.int32)

@@ -1,8 +1,11 @@
 """Lowering of the compact model to TensorFlow: one `tf.function` per task, for the TFLite converter.
 
 Every compact op has one lowering in `LOWERINGS` and every activation one in
-`ACTIVATION_LOWERINGS`, each registered with a decorator beside it. A lowering
-reproduces the numpy reference (`mann_edge.graph.ops`, `mann_edge.graph.activations`)
+`ACTIVATION_LOWERINGS`, each registered beside it (``@LOWERINGS.register("dense")``). A
+lowering is ``fn(node, inputs, weights, options) -> tf.Tensor``: ``weights`` maps the node's
+weight roles to dense weights (numpy arrays, traced as constants, or for large ones the
+module's variables) and ``options`` is the build's `LoweringOptions`; an activation
+lowering is ``fn(x, **params) -> tf.Tensor``. A lowering reproduces the numpy reference (`mann_edge.graph.ops`, `mann_edge.graph.activations`)
 with ops that TFLite has as builtins, so the converter never needs TF Select:
 
 - Weights are dense float32 values; the TFLite converter re-encodes the zeros
@@ -25,70 +28,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import tensorflow as tf
 
-from mann_edge.converters.lowering import check_nodes
-from mann_edge.errors import ConversionError
-from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE, normalize_activation
+from mann_edge.converters.lowering import check_nodes, lowering_tables, split_activation
+from mann_edge.converters.options import check_dtype
+from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE
 from mann_edge.graph.model import CompactModel, Node, Task
 
 __all__ = [
+    "OWNER",
     "LOWERINGS",
     "ACTIVATION_LOWERINGS",
-    "lowering",
-    "activation_lowering",
     "check_lowerings",
     "build_module",
     "LoweringOptions",
     "lower_activation",
-    "DTYPES",
     "BLOCK_SIZES",
 ]
 
 Weight = "np.ndarray | tf.Variable"
-Lowering = Callable[[Node, list, Mapping[str, Weight], "LoweringOptions"], tf.Tensor]
 
-LOWERINGS: dict[str, Lowering] = {}
-ACTIVATION_LOWERINGS: dict[str, Callable[..., tf.Tensor]] = {}
+OWNER = "TFLite export"
+LOWERINGS, ACTIVATION_LOWERINGS = lowering_tables(OWNER)
 
-DTYPES = ("float32", "float16", "int8")
 # From this many elements on, a weight is a variable rather than a graph constant (see the module docstring).
 _VARIABLE_MIN_ELEMENTS = 1 << 16
 # Inputs per block of TFLite's block-sparse FULLY_CONNECTED weights: 1x4 for float values, 1x16 for int8.
 BLOCK_SIZES = {"float32": 4, "float16": 4, "int8": 16}
 
 
-def lowering(op_type: str):
-    """Registers the lowering of compact op ``op_type``: ``fn(node, inputs, weights, options) -> tf.Tensor``.
-
-    ``weights`` maps the node's weight roles to dense weights: numpy arrays (traced as
-    constants) or, for large ones, the module's variables; ``options`` is the build's
-    `LoweringOptions`.
-    """
-
-    def register(fn: Lowering) -> Lowering:
-        LOWERINGS[op_type] = fn
-        return fn
-
-    return register
-
-
-def activation_lowering(name: str):
-    """Registers the lowering of activation ``name``: ``fn(x, **params) -> tf.Tensor``."""
-
-    def register(fn):
-        ACTIVATION_LOWERINGS[name] = fn
-        return fn
-
-    return register
-
-
 def check_lowerings(model: CompactModel) -> None:
     """Raises ConversionError naming the first op or activation of ``model`` that has no lowering."""
-    check_nodes("TFLite", model.nodes, LOWERINGS, ACTIVATION_LOWERINGS)
+    check_nodes(model.nodes, LOWERINGS, ACTIVATION_LOWERINGS)
 
 
 @dataclass(frozen=True)
@@ -127,8 +101,7 @@ def build_module(model: CompactModel, dtype: str = "float32", *, block_align: bo
         >>> signatures = {name: fn.get_concrete_function() for name, fn in module.functions.items()}
         >>> tf.saved_model.save(module, "saved", signatures=signatures)
     """
-    if dtype not in DTYPES:
-        raise ConversionError(f"TFLite export dtype must be one of {list(DTYPES)}. Received: {dtype!r}")
+    check_dtype("tflite", dtype, owner=OWNER)
     check_lowerings(model)
     options = LoweringOptions(block_align=BLOCK_SIZES[dtype] if block_align else 0)
     weights = {key: _dense_weight(model.dense_weight(key), dtype) for key in model.weights}
@@ -163,9 +136,8 @@ def _task_function(model: CompactModel, task: Task, weights: Mapping[str, Weight
 
 def lower_activation(x: tf.Tensor, activation) -> tf.Tensor:
     """``activation`` (a name or ``{"name": ..., **params}``) applied to ``x``."""
-    activation = normalize_activation(activation)
-    params = {key: value for key, value in activation.items() if key != "name"}
-    return ACTIVATION_LOWERINGS[activation["name"]](x, **params)
+    name, params = split_activation(activation)
+    return ACTIVATION_LOWERINGS[name](x, **params)
 
 
 def _activate(x: tf.Tensor, node: Node) -> tf.Tensor:
@@ -180,7 +152,7 @@ def _static_size(x: tf.Tensor) -> int:
 # -- ops: linear algebra -------------------------------------------------------------------------
 
 
-@lowering("dense")
+@LOWERINGS.register("dense")
 def _dense(node, inputs, weights, options):
     (x,) = inputs
     kernel = weights["kernel"]
@@ -201,7 +173,7 @@ def _dense(node, inputs, weights, options):
     return _activate(y, node)
 
 
-@lowering("conv2d")
+@LOWERINGS.register("conv2d")
 def _conv2d(node, inputs, weights, options):
     (x,) = inputs
     y = tf.nn.conv2d(
@@ -216,7 +188,7 @@ def _conv2d(node, inputs, weights, options):
     return _activate(y, node)
 
 
-@lowering("embedding")
+@LOWERINGS.register("embedding")
 def _embedding(node, inputs, weights, options):
     (ids,) = inputs
     if ids.dtype.is_floating:
@@ -224,13 +196,13 @@ def _embedding(node, inputs, weights, options):
     return tf.gather(weights["table"], ids)
 
 
-@lowering("scale_shift")
+@LOWERINGS.register("scale_shift")
 def _scale_shift(node, inputs, weights, options):
     (x,) = inputs
     return x * weights["scale"] + weights["shift"]
 
 
-@lowering("layer_norm")
+@LOWERINGS.register("layer_norm")
 def _layer_norm(node, inputs, weights, options):
     (x,) = inputs
     axes = list(node.attrs["axes"])
@@ -250,14 +222,14 @@ def _layer_norm(node, inputs, weights, options):
 # -- ops: pooling --------------------------------------------------------------------------------
 
 
-@lowering("max_pool2d")
+@LOWERINGS.register("max_pool2d")
 def _max_pool2d(node, inputs, weights, options):
     (x,) = inputs
     attrs = node.attrs
     return tf.nn.max_pool2d(x, list(attrs["pool_size"]), list(attrs["strides"]), attrs["padding"].upper())
 
 
-@lowering("avg_pool2d")
+@LOWERINGS.register("avg_pool2d")
 def _avg_pool2d(node, inputs, weights, options):
     # TensorFlow's (and TFLite's) 'SAME' average leaves the padded cells out of the count, as the reference does.
     (x,) = inputs
@@ -265,7 +237,7 @@ def _avg_pool2d(node, inputs, weights, options):
     return tf.nn.avg_pool2d(x, list(attrs["pool_size"]), list(attrs["strides"]), attrs["padding"].upper())
 
 
-@lowering("global_avg_pool")
+@LOWERINGS.register("global_avg_pool")
 def _global_avg_pool(node, inputs, weights, options):
     (x,) = inputs
     return tf.reduce_mean(x, axis=list(node.attrs["axes"]), keepdims=bool(node.attrs.get("keepdims", False)))
@@ -274,13 +246,13 @@ def _global_avg_pool(node, inputs, weights, options):
 # -- ops: shape and wiring -----------------------------------------------------------------------
 
 
-@lowering("flatten")
+@LOWERINGS.register("flatten")
 def _flatten(node, inputs, weights, options):
     (x,) = inputs
     return tf.reshape(x, [-1, _static_size(x)])
 
 
-@lowering("reshape")
+@LOWERINGS.register("reshape")
 def _reshape(node, inputs, weights, options):
     (x,) = inputs
     shape = [int(d) for d in node.attrs["shape"]]
@@ -290,7 +262,7 @@ def _reshape(node, inputs, weights, options):
     return tf.reshape(x, [-1, *shape])
 
 
-@lowering("add")
+@LOWERINGS.register("add")
 def _add(node, inputs, weights, options):
     total = inputs[0]
     for x in inputs[1:]:  # left to right, as the reference sums
@@ -298,18 +270,18 @@ def _add(node, inputs, weights, options):
     return total
 
 
-@lowering("concat")
+@LOWERINGS.register("concat")
 def _concat(node, inputs, weights, options):
     return tf.concat(inputs, axis=int(node.attrs["axis"]))
 
 
-@lowering("activation")
+@LOWERINGS.register("activation")
 def _activation(node, inputs, weights, options):
     (x,) = inputs
     return _activate(x, node)
 
 
-@lowering("zeros_like")
+@LOWERINGS.register("zeros_like")
 def _zeros_like(node, inputs, weights, options):
     (x,) = inputs
     return tf.zeros_like(x, dtype=tf.float32)
@@ -318,12 +290,12 @@ def _zeros_like(node, inputs, weights, options):
 # -- activations: rectifiers ---------------------------------------------------------------------
 
 
-@activation_lowering("linear")
+@ACTIVATION_LOWERINGS.register("linear")
 def _linear(x):
     return x
 
 
-@activation_lowering("relu")
+@ACTIVATION_LOWERINGS.register("relu")
 def _relu(x, negative_slope=0.0, max_value=None, threshold=0.0):
     if negative_slope == 0 and threshold == 0:
         if max_value is not None and float(max_value) == 6.0:
@@ -337,12 +309,12 @@ def _relu(x, negative_slope=0.0, max_value=None, threshold=0.0):
     return y
 
 
-@activation_lowering("relu6")
+@ACTIVATION_LOWERINGS.register("relu6")
 def _relu6(x):
     return tf.nn.relu6(x)
 
 
-@activation_lowering("leaky_relu")
+@ACTIVATION_LOWERINGS.register("leaky_relu")
 def _leaky_relu(x, negative_slope=0.2):
     return tf.nn.leaky_relu(x, alpha=negative_slope)
 
@@ -354,12 +326,12 @@ def _elu(x, alpha=1.0):
     return tf.where(x > 0, x, np.float32(alpha) * tf.nn.elu(tf.minimum(x, 0.0)))
 
 
-@activation_lowering("elu")
+@ACTIVATION_LOWERINGS.register("elu")
 def _elu_activation(x, alpha=1.0):
     return _elu(x, alpha)
 
 
-@activation_lowering("selu")
+@ACTIVATION_LOWERINGS.register("selu")
 def _selu(x):
     return SELU_SCALE * _elu(x, SELU_ALPHA)
 
@@ -369,17 +341,17 @@ def _expm1(x):
     return tf.where(x > 0, tf.exp(x) - 1.0, tf.nn.elu(x))
 
 
-@activation_lowering("celu")
+@ACTIVATION_LOWERINGS.register("celu")
 def _celu(x, alpha=1.0):
     return tf.maximum(x, 0.0) + tf.minimum(0.0, alpha * _expm1(x / alpha))
 
 
-@activation_lowering("gelu")
+@ACTIVATION_LOWERINGS.register("gelu")
 def _gelu(x, approximate=False):
     return tf.nn.gelu(x, approximate=bool(approximate))  # the converter fuses it into TFLite's GELU
 
 
-@activation_lowering("threshold")
+@ACTIVATION_LOWERINGS.register("threshold")
 def _threshold(x, threshold=0.0, default_value=0.0):
     return tf.where(x > threshold, x, tf.fill(tf.shape(x), np.float32(default_value)))
 
@@ -400,73 +372,73 @@ def _softplus(x):
     return tf.maximum(x, 0.0) + tf.math.log(1.0 + tf.exp(-tf.abs(x)))
 
 
-@activation_lowering("sigmoid")
+@ACTIVATION_LOWERINGS.register("sigmoid")
 def _sigmoid_activation(x):
     return _sigmoid(x)
 
 
-@activation_lowering("hard_sigmoid")
+@ACTIVATION_LOWERINGS.register("hard_sigmoid")
 def _hard_sigmoid_activation(x):
     return _hard_sigmoid(x)
 
 
-@activation_lowering("sparse_sigmoid")
+@ACTIVATION_LOWERINGS.register("sparse_sigmoid")
 def _sparse_sigmoid(x):
     return tf.clip_by_value((x + 1.0) / 2.0, 0.0, 1.0)
 
 
-@activation_lowering("log_sigmoid")
+@ACTIVATION_LOWERINGS.register("log_sigmoid")
 def _log_sigmoid(x):
     return -_softplus(-x)
 
 
-@activation_lowering("silu")
+@ACTIVATION_LOWERINGS.register("silu")
 def _silu(x):
     return x * _sigmoid(x)
 
 
-@activation_lowering("swish")
+@ACTIVATION_LOWERINGS.register("swish")
 def _swish(x):
     return x * _sigmoid(x)
 
 
-@activation_lowering("hard_silu")
+@ACTIVATION_LOWERINGS.register("hard_silu")
 def _hard_silu(x):
     return x * _hard_sigmoid(x)
 
 
-@activation_lowering("hard_swish")
+@ACTIVATION_LOWERINGS.register("hard_swish")
 def _hard_swish(x):
     return x * _hard_sigmoid(x)
 
 
-@activation_lowering("mish")
+@ACTIVATION_LOWERINGS.register("mish")
 def _mish(x):
     return x * tf.tanh(_softplus(x))
 
 
-@activation_lowering("softplus")
+@ACTIVATION_LOWERINGS.register("softplus")
 def _softplus_activation(x):
     return _softplus(x)
 
 
-@activation_lowering("softsign")
+@ACTIVATION_LOWERINGS.register("softsign")
 def _softsign(x):
     return x / (1.0 + tf.abs(x))
 
 
-@activation_lowering("sparse_plus")
+@ACTIVATION_LOWERINGS.register("sparse_plus")
 def _sparse_plus(x):
     middle = tf.square(x + 1.0) / 4.0
     return tf.where(x <= -1.0, tf.zeros_like(x), tf.where(x >= 1.0, x, middle))
 
 
-@activation_lowering("squareplus")
+@ACTIVATION_LOWERINGS.register("squareplus")
 def _squareplus(x, b=4.0):
     return (x + tf.sqrt(x * x + np.float32(b))) / 2.0
 
 
-@activation_lowering("exponential")
+@ACTIVATION_LOWERINGS.register("exponential")
 def _exponential(x):
     return tf.exp(x)
 
@@ -474,27 +446,27 @@ def _exponential(x):
 # -- activations: tanh family and shrinkage ------------------------------------------------------
 
 
-@activation_lowering("tanh")
+@ACTIVATION_LOWERINGS.register("tanh")
 def _tanh(x):
     return tf.tanh(x)
 
 
-@activation_lowering("hard_tanh")
+@ACTIVATION_LOWERINGS.register("hard_tanh")
 def _hard_tanh(x):
     return tf.clip_by_value(x, -1.0, 1.0)
 
 
-@activation_lowering("tanh_shrink")
+@ACTIVATION_LOWERINGS.register("tanh_shrink")
 def _tanh_shrink(x):
     return x - tf.tanh(x)
 
 
-@activation_lowering("hard_shrink")
+@ACTIVATION_LOWERINGS.register("hard_shrink")
 def _hard_shrink(x, threshold=0.5):
     return tf.where(tf.abs(x) > threshold, x, tf.zeros_like(x))
 
 
-@activation_lowering("soft_shrink")
+@ACTIVATION_LOWERINGS.register("soft_shrink")
 def _soft_shrink(x, threshold=0.5):
     return tf.sign(x) * tf.maximum(tf.abs(x) - threshold, 0.0)
 
@@ -502,23 +474,23 @@ def _soft_shrink(x, threshold=0.5):
 # -- activations: along an axis ------------------------------------------------------------------
 
 
-@activation_lowering("softmax")
+@ACTIVATION_LOWERINGS.register("softmax")
 def _softmax(x, axis=-1):
     return tf.nn.softmax(x, axis=axis)
 
 
-@activation_lowering("log_softmax")
+@ACTIVATION_LOWERINGS.register("log_softmax")
 def _log_softmax(x, axis=-1):
     return tf.nn.log_softmax(x, axis=axis)
 
 
-@activation_lowering("glu")
+@ACTIVATION_LOWERINGS.register("glu")
 def _glu(x, axis=-1):
     a, b = tf.split(x, 2, axis=axis)
     return a * _sigmoid(b)
 
 
-@activation_lowering("sparsemax")
+@ACTIVATION_LOWERINGS.register("sparsemax")
 def _sparsemax(x, axis=-1):
     # Sorting and cumulative sums run along the last axis (TOPK_V2, CUMSUM): move ``axis`` there and back.
     rank = x.shape.rank

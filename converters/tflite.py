@@ -69,13 +69,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from mann_edge.bundle import manifest_of
-from mann_edge.converters.tf_lowering import (
-    ACTIVATION_LOWERINGS,
-    DTYPES,
-    LOWERINGS,
-    build_module,
-    check_lowerings,
-)
+from mann_edge.converters.options import check_bool, check_dtype, check_names
+from mann_edge.converters.tf_lowering import ACTIVATION_LOWERINGS, LOWERINGS, OWNER, build_module, check_lowerings
 from mann_edge.converters.validation import DEFAULT_BATCHES, ValidationReport, compare, scaled_atol, tolerances
 from mann_edge.errors import ConversionError, MannEdgeError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_USE_XNNPACK
@@ -90,12 +85,14 @@ from mann_edge.runtime.litert import (
 )
 
 __all__ = [
-    "FORMAT",
     "LOWERINGS",
     "ACTIVATION_LOWERINGS",
+    "FORMAT",
+    "check_options",
     "export",
     "validate",
     "artifact_name",
+    "task_files",
     "operators",
     "add_metadata",
     "XnnpackFallbackWarning",
@@ -110,9 +107,29 @@ class XnnpackFallbackWarning(UserWarning):
     """An export runs wrong under LiteRT's XNNPACK delegate and right on the builtin kernels: it records XNNPACK off."""
 
 
+def check_options(*, dtype: str = "float32", **options) -> None:
+    """ConversionError for a ``dtype`` or an `export` option the TFLite export would refuse; writes nothing.
+
+    Options: ``sparse`` (a bool). ``force`` is not an option: it says what to do with the output path.
+
+    Example:
+        >>> check_options(dtype="int4")
+        Traceback (most recent call last):
+        ConversionError: TFLite export takes dtype 'float32', 'float16' or 'int8'. Received: 'int4'
+    """
+    check_names(options, ["sparse"], owner=OWNER)
+    check_dtype(FORMAT, dtype, owner=OWNER)
+    check_bool("sparse", options.get("sparse", True), owner=OWNER)
+
+
 def artifact_name(**export_options) -> str:
     """The file name a TFLite export gets inside an output directory."""
     return "model.tflite"
+
+
+def task_files(path: "str | os.PathLike") -> dict[str, Path]:
+    """One file holds every task (a signature each): no per-task files."""
+    return {}
 
 
 def export(
@@ -146,8 +163,7 @@ def export(
         >>> export(cm, "model.tflite", dtype="float16")
         PosixPath('model.tflite')
     """
-    if dtype not in DTYPES:
-        raise ConversionError(f"TFLite export dtype must be one of {list(DTYPES)}. Received: {dtype!r}")
+    check_options(dtype=dtype, sparse=sparse)
     check_lowerings(model)
     path = Path(path)
     metadata = {METADATA_MANIFEST: json.dumps(manifest_of(model)).encode(), METADATA_DTYPE: dtype.encode()}

@@ -32,6 +32,9 @@ __all__ = [
     "runtime",
     "converters",
     "errors",
+    "api",
+    "formats",
+    "plotting",
 ]
 
 # name -> (module, attribute or None for the module itself)
@@ -47,6 +50,9 @@ _LAZY = {
     "runtime": ("mann_edge.runtime", None),
     "converters": ("mann_edge.converters", None),
     "errors": ("mann_edge.errors", None),
+    "api": ("mann_edge.api", None),
+    "formats": ("mann_edge.formats", None),
+    "plotting": ("mann_edge.plotting", None),
 }
 
 

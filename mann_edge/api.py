@@ -3,6 +3,7 @@
 `convert` takes a source (`.keras`, legacy `.h5`, `.mann`, a Keras model or a CompactModel)
 to a `.mann` bundle and the requested exports in one output directory, verifies each
 artifact against the compact model, and returns where everything is with the figures.
+Every format comes from `mann_edge.formats.FORMATS`; the bundle is one of them.
 
 Example:
     >>> result = mann_edge.convert("model.keras", "out", formats=["tflite", "onnx"])
@@ -14,74 +15,104 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
-
-from mann_edge import converters
-from mann_edge.converters.validation import ValidationReport, compare, tolerances
-from mann_edge.errors import OutputExistsError
+from mann_edge.converters.validation import ValidationReport
+from mann_edge.errors import ConversionError, OutputExistsError
 from mann_edge.files import check_writable_dir
+from mann_edge.formats import EXPORT_FORMATS, FORMATS, detect_format, get_format
 from mann_edge.graph.model import CompactModel
 from mann_edge.sources import load_source
 
-__all__ = ["convert", "verify", "output_paths", "ConvertResult", "DEFAULT_FORMATS", "BUNDLE_NAME"]
+__all__ = ["convert", "verify", "output_paths", "exported_sizes", "ConvertResult", "DEFAULT_FORMATS", "BUNDLE"]
 
-DEFAULT_FORMATS = ("tflite", "onnx", "coreml")
-BUNDLE_NAME = "model.mann"
+DEFAULT_FORMATS = EXPORT_FORMATS
+BUNDLE = "mann"  # `convert` always writes the bundle: the reference every export is verified against
 
 
 @dataclass
 class ConvertResult:
     """What `convert` wrote and measured.
 
-    ``artifacts`` maps "mann" and each format to the path `mann_edge.runtime.load` takes;
-    ``table`` has one row per task and artifact: task, format, nonzeros, bytes (the file or
-    package holding the task), dense_bytes (float32 dense weights of the tasks in that file),
-    ratio (bytes / dense_bytes) and max_error (largest verification error, None unverified);
-    ``reports`` holds each artifact's ValidationReport, ``seconds`` its export time.
+    ``artifacts`` maps "mann" and each format to the path `mann_edge.runtime.load` takes.
+    ``table`` has one row per task and format: task, format, nonzeros, bytes (the task's own
+    file, or its share of a file that holds several tasks: a weight's bytes split evenly
+    among the tasks that read it), dense_bytes (float32 dense weights of the task, shared
+    ones split the same way where the file is shared), ratio (bytes / dense_bytes),
+    shared (whether ``bytes`` is a share of a multi-task file) and max_error (largest
+    verification error, None unverified). ``files`` has one row per format: the whole
+    artifact's bytes and dense_bytes. ``reports`` holds each artifact's ValidationReport,
+    ``seconds`` its export time.
     """
 
     out_dir: Path
     model: CompactModel
     artifacts: dict[str, Path] = field(default_factory=dict)
     table: list[dict] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)
     reports: dict[str, ValidationReport] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def format_table(self) -> str:
-        """The table `mann-edge convert` prints."""
+        """The tables `mann-edge convert` prints: per task and format, then per file."""
         header = f"{'task':<16} {'format':<8} {'nonzeros':>10} {'bytes':>12} {'vs dense':>9} {'max error':>10}"
         lines = [header, "-" * len(header)]
         for row in self.table:
             error = "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
+            share = "*" if row["shared"] else " "
             lines.append(
-                f"{row['task']:<16} {row['format']:<8} {row['nonzeros']:>10,} {row['bytes']:>12,} "
+                f"{row['task']:<16} {row['format']:<8} {row['nonzeros']:>10,} {row['bytes']:>11,}{share} "
                 f"{100 * row['ratio']:>8.1f}% {error:>10}"
             )
+        if any(row["shared"] for row in self.table):
+            lines.append("* the task's share of a file holding every task (each weight split among the tasks reading it)")
+        lines += ["", f"{'file':<34} {'bytes':>12} {'vs dense':>9}", "-" * 57]
+        for row in self.files:
+            lines.append(f"{row['file']:<34} {row['bytes']:>12,} {100 * row['ratio']:>8.1f}%")
         return "\n".join(lines)
 
 
 def artifact_path(out_dir: "str | os.PathLike", format: str, options: Mapping | None = None) -> Path:
-    """Where `convert` writes ``format`` inside ``out_dir`` ('mann' for the bundle)."""
-    if format == "mann":
-        return Path(out_dir) / BUNDLE_NAME
-    return Path(out_dir) / converters.artifact_name(format, **dict(options or {}))
+    """Where `convert` writes ``format`` (a name in `FORMATS`) inside ``out_dir``."""
+    return Path(out_dir) / get_format(format).converter_module().artifact_name(**dict(options or {}))
 
 
 def output_paths(out_dir: "str | os.PathLike", formats: Sequence[str], options: Mapping[str, Mapping] | None = None,
                  *, force: bool = False) -> dict[str, Path]:
     """Where `convert` writes the bundle and each format; OutputExistsError if any exists and not ``force``."""
     options = options or {}
-    paths = {name: artifact_path(out_dir, name, options.get(name)) for name in ["mann", *formats]}
+    paths = {name: artifact_path(out_dir, name, options.get(name)) for name in dict.fromkeys([BUNDLE, *formats])}
     existing = [str(path) for path in paths.values() if path.exists()]
     if existing and not force:
         raise OutputExistsError(f"{', '.join(existing)} already exist; pass force=True (--force) to overwrite")
     return paths
+
+
+def check_options(formats: Sequence[str], dtype: str, options: Mapping[str, Mapping]) -> None:
+    """ConversionError naming every requested format that cannot take ``dtype`` or its options; nothing is written.
+
+    The bundle is the exception for dtype: it keeps float32 values when ``dtype`` is one it
+    cannot store (int8 is TFLite's alone), since every export is verified against it.
+    """
+    problems = []
+    for name in formats:
+        format = get_format(name)
+        format_dtype = dtype if name != BUNDLE or dtype in format.dtypes else "float32"
+        try:
+            format.converter_module().check_options(dtype=format_dtype, **options.get(name, {}))
+        except ConversionError as error:
+            problems.append(str(error))
+    unused = sorted(set(options) - set(formats))
+    if unused:
+        problems.append(f"options were given for {unused}, which are not among the formats asked for {list(formats)}")
+    if problems:
+        takes = {name: FORMATS[name].dtypes for name in formats if name != BUNDLE}
+        raise ConversionError("; ".join(problems) + f" (dtypes each format takes: {takes})")
 
 
 def convert(
@@ -100,17 +131,19 @@ def convert(
 ) -> ConvertResult:
     """Writes ``source`` as a `.mann` bundle and each of ``formats`` into ``out_dir``, verified.
 
+    Every option is checked against every format, and the source and ``tasks`` are read,
+    before anything is written; when a step fails, what this call wrote is removed.
+
     Args:
         source: a `.keras`, legacy `.h5` or `.mann` path, a Keras model or a CompactModel.
         out_dir: the output directory (made if missing; a file or an unwritable one is refused).
-        formats: any of 'tflite', 'onnx', 'coreml'.
+        formats: names in `mann_edge.formats.FORMATS` ('tflite', 'onnx', 'coreml'; the bundle is always written).
         tasks: export only these tasks (names after ``task_names``), in this order.
         task_names: names for the source's tasks, in output order.
         dtype: 'float32' or 'float16' (TFLite also 'int8') for the stored weight values.
         force: overwrite existing outputs (otherwise refused before any work starts).
-        verify: run each artifact against the compact model; a mismatch raises ValidationError
-            and removes the artifact.
-        strict: refuse a source whose tasks' masks overlap (otherwise a MaskOverlapWarning).
+        verify: run each artifact against the compact model; a mismatch raises ValidationError.
+        strict: refuse a source whose tasks' kernel masks overlap (otherwise a MaskOverlapWarning).
         options: extra keyword options per format, e.g. ``{"coreml": {"target": "macOS15"}}``.
         progress: called with one line per step (the command prints them to stderr).
 
@@ -120,10 +153,11 @@ def convert(
     """
     say = progress or (lambda line: None)
     options = {name: dict(value) for name, value in (options or {}).items()}
-    formats = list(dict.fromkeys(formats))
-    for name in [*formats, *options]:
-        converters.get(name)  # unknown formats fail here, before any work
-    out_dir = check_writable_dir(out_dir, create=True)
+    formats = list(dict.fromkeys([BUNDLE, *formats]))
+    check_options(formats, dtype, options)
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        check_writable_dir(out_dir)
     paths = output_paths(out_dir, formats, options, force=force)
 
     steps = len(paths) + 1
@@ -131,25 +165,30 @@ def convert(
     model = load_source(source, task_names, strict=strict)
     if tasks:
         model = model.select_tasks(tasks)
+    made_dir = not out_dir.exists()
+    check_writable_dir(out_dir, create=True)
     result = ConvertResult(out_dir, model)
-    for step, (name, path) in enumerate(paths.items(), start=2):
-        say(f"[{step}/{steps}] {name}: writing {path}")
-        start = time.perf_counter()
-        if name == "mann":  # the bundle holds float16 values too; int8 is TFLite's alone
-            (model.astype(dtype) if dtype == "float16" else model).save(path, force=force)
-        else:
-            converters.get(name).export(model, path, dtype=dtype, force=force, **options.get(name, {}))
-        result.seconds[name] = time.perf_counter() - start
-        result.artifacts[name] = path
-        if verify:
-            report = verify_artifact(model, path, name)
-            result.reports[name] = report
-            say(f"    verified {len(model.tasks)} task(s): max error {report.max_abs_error:.2e}"
-                + ("" if report.ok else " MISMATCH"))
-            if not report.ok:
-                _remove(path)
+    try:
+        for step, (name, path) in enumerate(paths.items(), start=2):
+            say(f"[{step}/{steps}] {name}: writing {path}")
+            module = get_format(name).converter_module()
+            start = time.perf_counter()
+            format_dtype = dtype if dtype in FORMATS[name].dtypes else "float32"
+            module.export(model, path, dtype=format_dtype, force=force, **options.get(name, {}))
+            result.seconds[name] = time.perf_counter() - start
+            result.artifacts[name] = path
+            if verify:
+                report = result.reports[name] = module.validate(model, path)
+                say(f"    verified {len(model.tasks)} task(s): max error {report.max_abs_error:.2e}"
+                    + ("" if report.ok else " MISMATCH"))
                 report.raise_for_errors()
-    result.table = _table(model, result)
+    except BaseException:
+        for path in result.artifacts.values():
+            _remove(path)
+        if made_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    result.table, result.files = _tables(model, result)
     return result
 
 
@@ -157,51 +196,38 @@ def verify(artifact: "str | os.PathLike", against, *, tasks: Sequence[str] | Non
            task_names: Sequence[str] | None = None) -> ValidationReport:
     """Runs ``artifact`` (any format `runtime.load` takes) against the compact model of ``against``.
 
+    Every task of ``against`` (or ``tasks``) is checked; one the artifact lacks fails the report.
+
     Example:
         >>> report = verify("out/model.tflite", "model.keras")
         >>> report.ok, report.max_abs_error
         (True, 4.2e-07)
     """
-    from mann_edge.runtime import detect_format
-
+    format = detect_format(artifact)
     model = load_source(against, task_names)
-    return verify_artifact(model, artifact, detect_format(artifact), tasks=tasks)
-
-
-def verify_artifact(model: CompactModel, path: "str | os.PathLike", format: str, *,
-                    tasks: Sequence[str] | None = None) -> ValidationReport:
-    """The ValidationReport of the artifact at ``path`` (of ``format``) against ``model``."""
-    if tasks:
-        missing = [name for name in tasks if name not in model.task_names]
-        if missing:
-            model.task(missing[0])  # raises TaskError listing the tasks there are
-    if format != "mann":
-        return converters.get(format).validate(model, path, tasks=tasks)
-    from mann_edge.runtime.bundle import BundleSession
-
-    session = BundleSession(path)
-    halves = any(np.dtype(weight.dtype) == np.float16 for weight in session.model.weights.values())
-    atol, rtol = tolerances("float16" if halves else "float32")
-    return compare(model, session.run, format="mann", artifact=str(path), atol=atol, rtol=rtol, tasks=tasks)
+    for name in tasks or ():
+        model.task(name)  # an unknown task raises TaskError listing the tasks there are
+    return format.converter_module().validate(model, artifact, tasks=tasks)
 
 
 def exported_sizes(out_dir: "str | os.PathLike") -> dict[str, int]:
-    """Bytes of each format's export that `convert` left in ``out_dir`` (default names), by format."""
+    """Bytes of each export `convert` left in ``out_dir``, by format (any artifact name a format uses)."""
     sizes = {}
-    for format in DEFAULT_FORMATS:
-        names = {converters.artifact_name(format)}
-        if format == "coreml":
-            names.add(converters.artifact_name(format, target="macOS15"))
-        for name in sorted(names):
-            path = Path(out_dir) / name
-            if path.exists():
-                sizes[format] = _bytes(path)
+    for format in FORMATS.values():
+        for path in sorted(Path(out_dir).iterdir()) if Path(out_dir).is_dir() else []:
+            if format.name not in sizes and format.name != BUNDLE and _is_artifact(path, format):
+                sizes[format.name] = _bytes(path)
     return sizes
 
 
-def _remove(path: Path) -> None:
-    import shutil
+def _is_artifact(path: Path, format) -> bool:
+    try:
+        return detect_format(path) is format
+    except Exception:  # anything that is not an export of a known format
+        return False
 
+
+def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -214,15 +240,41 @@ def _bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def _table(model: CompactModel, result: ConvertResult) -> list[dict]:
-    stats = {row["task"]: row for row in model.task_stats()}
-    all_dense = sum(row["dense_bytes"] for row in model.node_stats())
-    rows = []
+def _task_shares(model: CompactModel) -> dict[str, dict[str, float]]:
+    """task -> {"bytes": its share of the stored weight bytes, "dense_bytes": of the float32 dense bytes}.
+
+    A weight read by several tasks is split evenly among them, so the shares add up to the
+    whole model and a file holding every task can be divided by them.
+    """
+    readers: dict[str, int] = {}
     for task in model.task_names:
-        for name, path in result.artifacts.items():
-            per_task = _task_files(name, path).get(task)
-            size, dense = (_bytes(per_task), stats[task]["dense_bytes"]) if per_task else (_bytes(path), all_dense)
-            report = result.reports.get(name)
+        for node in model.task_nodes(task):
+            readers[node.name] = readers.get(node.name, 0) + 1
+    by_node = {row["node"]: row for row in model.node_stats()}
+    shares = {}
+    for task in model.task_names:
+        nodes = [node.name for node in model.task_nodes(task)]
+        shares[task] = {key: sum(by_node[n][key] / readers[n] for n in nodes) for key in ("bytes", "dense_bytes")}
+    return shares
+
+
+def _tables(model: CompactModel, result: ConvertResult) -> tuple[list[dict], list[dict]]:
+    stats = {row["task"]: row for row in model.task_stats()}
+    shares = _task_shares(model)
+    stored_total = sum(share["bytes"] for share in shares.values()) or 1.0
+    dense_total = sum(row["dense_bytes"] for row in model.node_stats())
+    rows, files = [], []
+    for name, path in result.artifacts.items():
+        own_files = get_format(name).converter_module().task_files(path)
+        total = _bytes(path)
+        files.append({"format": name, "file": str(path.relative_to(result.out_dir)), "bytes": total,
+                      "dense_bytes": dense_total, "ratio": total / dense_total if dense_total else float("nan")})
+        report = result.reports.get(name)
+        for task in model.task_names:
+            if task in own_files:
+                size, dense = _bytes(own_files[task]), stats[task]["dense_bytes"]
+            else:  # a file of every task: the task's share of it
+                size, dense = round(total * shares[task]["bytes"] / stored_total), shares[task]["dense_bytes"]
             errors = [c.max_abs_error for c in report.checks if c.task == task] if report else []
             rows.append({
                 "task": task,
@@ -231,17 +283,11 @@ def _table(model: CompactModel, result: ConvertResult) -> list[dict]:
                 "bytes": size,
                 "dense_bytes": dense,
                 "ratio": size / dense if dense else float("nan"),
+                "shared": task not in own_files,
                 "max_error": max(errors) if errors else None,
             })
-    return rows
-
-
-def _task_files(format: str, path: Path) -> dict[str, Path]:
-    """task -> the file holding only that task, for formats that write one per task."""
-    if format == "mann":
-        return {}
-    module = converters.get(format)
-    return module.task_files(path) if hasattr(module, "task_files") else {}
+    rows.sort(key=lambda row: model.task_names.index(row["task"]))
+    return rows, files
 
 
 def print_progress(line: str) -> None:

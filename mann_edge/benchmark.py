@@ -26,6 +26,7 @@ From the command line: ``python benchmarks/paper_scale.py --repeats 200`` (``--j
 from __future__ import annotations
 
 import argparse
+import importlib
 import json as json_module
 import os
 import platform
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from mann_edge.formats import EXPORT_FORMATS, FORMATS
 
 __all__ = ["run_benchmark", "format_report", "build_paper_model", "add_arguments", "run", "main", "BACKENDS", "MASKS"]
 
@@ -52,25 +55,33 @@ SEED = 0
 # mask kind -> RSN2 block size (1: unstructured; 4: TFLite's 1x4 blocks)
 MASKS = {"unstructured": 1, "block4": 4}
 
-# name -> (artifact it runs, what it is, environment it runs with)
-BACKENDS = {
-    "bundle": ("mann", "mann-edge bundle runtime", {}),
-    "bundle_scipy": ("mann", "bundle runtime, scipy fallback", {"MANN_EDGE_KERNELS": "numpy"}),
-    "ort_dense": ("onnx_dense", "onnxruntime, dense ONNX", {}),
-    "ort_export": ("onnx", "onnxruntime, our ONNX export", {}),
-    "litert_dense": ("tflite_dense", "LiteRT, dense TFLite", {}),
-    "litert_export": ("tflite", "LiteRT, our TFLite export", {}),
-}
-DENSE_PEERS = ("ort_dense", "litert_dense")
 
-# artifact -> (format, file or directory name, export options)
-ARTIFACTS = {
-    "tflite": ("tflite", "model.tflite", {"sparse": True}),
-    "onnx": ("onnx", "onnx", {"sparse": True}),
-    "coreml": ("coreml", "coreml", {"sparse": True}),
-    "tflite_dense": ("tflite", "dense.tflite", {"sparse": False}),
-    "onnx_dense": ("onnx", "onnx_dense", {"sparse": False}),
-}
+
+def _backends_and_artifacts() -> tuple[dict, dict]:
+    """The backends to measure and the artifacts they run, from the format table.
+
+    Every format is exported (its conversion time counts); every format whose runtime runs
+    here is measured on our export and, for the exports, on a dense export of the same model
+    (its dense peer). The bundle runtime is also measured on its scipy fallback.
+    """
+    backends, artifacts = {}, {}
+    for format in FORMATS.values():
+        artifacts[format.name] = (format.name, format.artifact, {} if format.name == "mann" else {"sparse": True})
+        if format.name == "mann":
+            if format.runs_here():
+                backends["bundle"] = ("mann", format.runtime, {})
+                backends["bundle_scipy"] = ("mann", f"{format.runtime}, scipy fallback", {"MANN_EDGE_KERNELS": "numpy"})
+            continue
+        if format.runs_here():
+            artifacts[f"{format.name}_dense"] = (format.name, f"dense_{format.artifact}", {"sparse": False})
+            backends[f"{format.name}_dense"] = (f"{format.name}_dense", f"{format.runtime}, dense {format.title}", {})
+            backends[f"{format.name}_export"] = (format.name, f"{format.runtime}, our {format.title} export", {})
+    return backends, artifacts
+
+
+# name -> (artifact it runs, what it is, environment it runs with); artifact -> (format, file name, export options)
+BACKENDS, ARTIFACTS = _backends_and_artifacts()
+DENSE_PEERS = tuple(name for name in BACKENDS if name.endswith("_dense"))
 
 
 def _progress(message: str) -> None:
@@ -119,15 +130,8 @@ def _export_all(cm, out_dir: Path) -> tuple[dict, dict, list[str]]:
     from mann_edge import converters
 
     paths, seconds, notes = {}, {}, []
-    start = time.perf_counter()
-    paths["mann"] = Path(cm.save(out_dir / "paper.mann", force=True))
-    seconds["mann"] = time.perf_counter() - start
     for name, (fmt, filename, options) in ARTIFACTS.items():
-        try:
-            module = converters.get(fmt)
-        except ImportError as error:  # a converter module not written yet
-            notes.append(f"{name}: skipped, converters.get({fmt!r}) failed ({error})")
-            continue
+        module = converters.get(fmt)
         _progress(f"exporting {name} ...")
         start = time.perf_counter()
         try:
@@ -167,14 +171,11 @@ def _peak_rss_bytes() -> int:
 
 def _import_backend(kind: str) -> None:
     """Imports what the backend's session needs, so the memory baseline includes the libraries."""
+    importlib.import_module(FORMATS[kind].runtime_module)
     if kind == "mann":
         from mann_edge.runtime.kernels import kernel_backend
 
         kernel_backend()  # imports numba and the compiled kernels, unless they are switched off
-    elif kind == "onnx":
-        import onnxruntime  # noqa: F401
-    elif kind == "tflite":
-        import ai_edge_litert.interpreter  # noqa: F401
 
 
 def measure(spec: dict) -> dict:
@@ -272,7 +273,7 @@ def _cpu_name() -> str:
 
 def _ratios(backends: dict, threads_label: str) -> dict:
     """Per task and batch: the bundle's speedup over the fastest dense peer and over the fastest other
-    backend, and LiteRT on our sparse export against LiteRT dense."""
+    backend, and each runtime on our sparse export against the same runtime on the dense export."""
     rows = {}
 
     def median(name, task, batch):
@@ -290,14 +291,16 @@ def _ratios(backends: dict, threads_label: str) -> dict:
         for batch, timing in timings.items():
             dense = fastest(DENSE_PEERS, task, batch)
             others = fastest([n for n in backends if not n.startswith("bundle")], task, batch)
-            litert_dense, litert_export = median("litert_dense", task, batch), median("litert_export", task, batch)
+            exports = {name.removesuffix("_export"): (median(name.replace("_export", "_dense"), task, batch), median(name, task, batch))
+                       for name in backends if name.endswith("_export")}
             rows[f"{task}/b{batch}"] = {
                 "bundle_s": timing["median_s"],
                 "fastest_dense_peer": dense[1] if dense else None,
                 "speedup_vs_dense": dense[0] / timing["median_s"] if dense else None,
                 "fastest_peer": others[1] if others else None,
                 "speedup_vs_fastest": others[0] / timing["median_s"] if others else None,
-                "litert_export_vs_dense": litert_dense / litert_export if litert_dense and litert_export else None,
+                # per format: dense export's time / our export's time in the same runtime
+                "export_vs_dense": {fmt: dense_s / export_s for fmt, (dense_s, export_s) in exports.items() if dense_s and export_s},
             }
     return rows
 
@@ -361,7 +364,7 @@ def _measure_mask(mask: str, names, settings, repeats: int, directory: Path, see
             "build_and_compact_s": build_s,
         },
         "conversion_s": conversion,
-        "conversion_total_s": sum(conversion.get(k, 0.0) for k in ("tflite", "onnx", "coreml")),
+        "conversion_total_s": sum(conversion.get(k, 0.0) for k in EXPORT_FORMATS),
         "artifacts": {name: {"path": str(p), "bytes": _artifact_bytes(Path(p))} for name, p in paths.items()},
         "backends": measured,
         "ratios": {str(s): _ratios(measured, str(s)) for s in settings},
@@ -396,7 +399,7 @@ def run_benchmark(
         task/batch -> speedups), ``notes``), ``threads``, ``repeats``, ``machine``.
 
     Example:
-        >>> result = run_benchmark(repeats=20, threads=(1,), backends=["bundle", "litert_dense"], masks=["block4"])
+        >>> result = run_benchmark(repeats=20, threads=(1,), backends=["bundle", "tflite_dense"], masks=["block4"])
         >>> result["masks"]["block4"]["ratios"]["1"]["task_a/b1"]["speedup_vs_dense"] > 1
         True
     """
@@ -458,7 +461,7 @@ def _mask_report(part: dict, threads: Sequence[int]) -> list[str]:
         f"{model['kernel_params_per_task']:,} dense kernel weights, {model['kernel_nonzeros_per_task']:,} nonzeros per task",
         "Conversion: "
         + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in part["conversion_s"].items())
-        + f"; tflite + onnx + coreml: {part['conversion_total_s']:.1f} s (target < 60 s)",
+        + f"; {' + '.join(EXPORT_FORMATS)}: {part['conversion_total_s']:.1f} s (target < 60 s)",
     ]
     artifacts = part["artifacts"]
     batches = [str(b) for b in BATCHES]
@@ -489,8 +492,9 @@ def _mask_report(part: dict, threads: Sequence[int]) -> list[str]:
                     f"({BACKENDS[ratio['fastest_dense_peer']][1]}), x{ratio['speedup_vs_fastest']:.2f} vs the fastest "
                     f"peer ({BACKENDS[ratio['fastest_peer']][1]})"
                 )
-            if ratio["litert_export_vs_dense"] is not None:
-                words.append(f"LiteRT on our export x{ratio['litert_export_vs_dense']:.2f} vs LiteRT dense")
+            for fmt, speedup in ratio["export_vs_dense"].items():
+                runtime = FORMATS[fmt].runtime
+                words.append(f"{runtime} on our export x{speedup:.2f} vs {runtime} dense")
             if words:
                 lines.append(f"  {key}: " + "; ".join(words))
     if part["notes"]:

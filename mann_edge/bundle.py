@@ -25,7 +25,7 @@ import numpy as np
 from mann_edge import safetensors_codec
 from mann_edge._version import __version__
 from mann_edge.errors import BundleError
-from mann_edge.files import atomic_output
+from mann_edge.files import atomic_output, build_time
 from mann_edge.graph.model import DTYPES, CompactModel, Node, Task, TensorSpec
 from mann_edge.graph.ops import OPS
 from mann_edge.sparse import LAYOUTS, CSRWeight
@@ -84,9 +84,17 @@ def save_compact(model: CompactModel, path: "str | os.PathLike", *, force: bool 
     text = json.dumps(manifest, indent=1, sort_keys=False).encode()
     with atomic_output(path, force=force) as tmp:
         with zipfile.ZipFile(tmp, "w") as archive:
-            archive.writestr(MANIFEST, text, compress_type=zipfile.ZIP_DEFLATED)
-            archive.writestr(WEIGHTS, blob, compress_type=zipfile.ZIP_STORED)
+            archive.writestr(_entry(MANIFEST, zipfile.ZIP_DEFLATED), text)
+            archive.writestr(_entry(WEIGHTS, zipfile.ZIP_STORED), blob)
     return str(path)
+
+
+def _entry(name: str, compression: int) -> zipfile.ZipInfo:
+    """A zip entry stamped with `build_time` (not now), so the same model gives the same bytes."""
+    info = zipfile.ZipInfo(name, date_time=build_time().timetuple()[:6])
+    info.compress_type = compression
+    info.external_attr = 0o644 << 16
+    return info
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import warnings
 from typing import Callable, Sequence
 
 from mann_edge._version import __version__
+from mann_edge.formats import EXPORT_FORMATS, FORMATS
 
 __all__ = ["main"]
 
@@ -62,7 +63,7 @@ def cmd_convert(args) -> int:
     )
     if args.json:
         print(json.dumps({"artifacts": {k: str(v) for k, v in result.artifacts.items()}, "table": result.table,
-                          "seconds": result.seconds}, indent=1))
+                          "files": result.files, "seconds": result.seconds}, indent=1))
     else:
         print(result.format_table())
     return 0
@@ -112,14 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="also draw the masks by task and the bytes into a PNG")
     p.add_argument("--force", action="store_true", help="overwrite an existing plot")
 
-    p = sub.add_parser("convert", help="compact a model and export it to TFLite, ONNX and Core ML, verified")
+    exports = ", ".join(FORMATS[name].title for name in EXPORT_FORMATS)
+    p = sub.add_parser("convert", help=f"compact a model and export it to {exports}, verified")
     p.add_argument("source", help="a .keras, legacy .h5 or .mann file")
     p.add_argument("-o", "--out", required=True, help="output directory (made if missing)")
-    p.add_argument("--to", default="tflite,onnx,coreml", help="formats, comma-separated (default: %(default)s)")
+    p.add_argument("--to", default=",".join(EXPORT_FORMATS),
+                   help=f"formats, comma-separated, of {list(EXPORT_FORMATS)} (default: %(default)s)")
     p.add_argument("--tasks", help="export only these tasks, comma-separated")
     p.add_argument("--task-names", help="comma-separated names for the source's tasks (in output order)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "int8"),
-                   help="stored weight values (int8: TFLite only; default: %(default)s)")
+    dtypes = list(dict.fromkeys(d for name in EXPORT_FORMATS for d in FORMATS[name].dtypes))
+    takes = "; ".join(f"{d}: {', '.join(n for n in EXPORT_FORMATS if d in FORMATS[n].dtypes)}" for d in dtypes)
+    p.add_argument("--dtype", default="float32", choices=dtypes,
+                   help=f"stored weight values ({takes}; default: %(default)s)")
     p.add_argument("--coreml-target", help="Core ML deployment target, e.g. macOS13 (default), iOS16, macOS15 (multifunction)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-verify", action="store_true", help="skip running each export against the compact model")
@@ -127,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the artifacts and table as JSON")
 
     p = sub.add_parser("verify", help="run an export against the model it came from, every task")
-    p.add_argument("artifact", help="a .mann, .tflite, ONNX export or Core ML export")
+    p.add_argument("artifact", help="an export: " + ", ".join(f"{f.title} ({f.suffix})" for f in FORMATS.values()))
     p.add_argument("--against", required=True, help="the source: a .keras, legacy .h5 or .mann file")
     p.add_argument("--tasks", help="check only these tasks, comma-separated")
     p.add_argument("--task-names", help="comma-separated names for the source's tasks (in output order)")

@@ -5,7 +5,9 @@ multitask layer becomes one op per branch (branch ``i`` reads slab ``i`` with
 its mask applied); routing layers (`SelectorLayer`, on `FilterLayer`,
 `Dropout`...) become wiring; a batch normalisation is folded into the dense or
 conv op before it when nothing else reads that op. Weights are stored as CSR
-where that is smaller.
+where that is smaller. Every node records where it came from in its attributes:
+``attrs["layer"]`` (the Keras layer's name) and, for a branch of a multitask
+layer, ``attrs["slab"]`` (its slab index); tools read those, never node names.
 
 Example:
     >>> cm = compact(model, task_names=["digits", "cancer"])
@@ -14,9 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import keras
 import numpy as np
@@ -24,42 +27,44 @@ import numpy as np
 from mann_edge import layers as mann_layers
 from mann_edge._version import __version__
 from mann_edge.errors import CompactionError
+from mann_edge.files import build_time
 from mann_edge.graph.activations import ACTIVATIONS, normalize_activation
 from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
+from mann_edge.registry import Registry
 from mann_edge.sparse import encode_weight
 
 __all__ = ["compact", "MaskOverlapWarning", "mask_overlaps", "task_usage", "TaskUsage"]
 
 
 class MaskOverlapWarning(UserWarning):
-    """Two tasks' masks in one multitask layer share positions (RSN2 with exclusive=False?)."""
+    """Two tasks' masks in one multitask layer share positions (RSN2 with exclusive=False?).
+
+    Also raised, as a report only, for shared bias positions (see `mask_overlaps`).
+    """
 
 
 # -- the lowering table --------------------------------------------------------------------------
 
-LOWERINGS: dict[type, Callable] = {}
-
-
-def lowers(*classes):
-    """Registers a function as the lowering of the given layer classes (exact class match)."""
-
-    def decorator(function):
-        for cls in classes:
-            LOWERINGS[cls] = function
-        return function
-
-    return decorator
+# Layer class -> its lowering, by exact class: a subclass may compute something else.
+LOWERINGS = Registry("layer type", owner="mann-edge", verb="compact", error=CompactionError)
 
 
 class _Builder:
-    """Collects nodes and weights while layers are lowered."""
+    """Collects nodes and weights while layers are lowered.
+
+    ``layer`` names the Keras layer being lowered; every node added records it.
+    """
 
     def __init__(self):
         self.nodes: list[Node] = []
         self.weights: dict[str, object] = {}
+        self.layer: str | None = None
 
-    def add(self, name, op, inputs, out, weights=None, attrs=None, layouts=None) -> str:
-        """Adds a node; ``weights`` maps roles to dense arrays, stored as CSR where smaller."""
+    def add(self, name, op, inputs, out, weights=None, attrs=None, layouts=None, slab=None) -> str:
+        """Adds a node; ``weights`` maps roles to dense arrays, stored as CSR where smaller.
+
+        ``slab``: the slab index when the node is branch ``slab`` of a multitask layer.
+        """
         roles = {}
         for role, array in (weights or {}).items():
             if array is None:
@@ -72,8 +77,13 @@ class _Builder:
             key = f"{name}/{role}"
             self.weights[key] = encode_weight(array, (layouts or {}).get(role, "rows"))
             roles[role] = key
-        shape = _activated_shape(tuple(out.shape), (attrs or {}).get("activation"))
-        self.nodes.append(Node(name, op, tuple(inputs), roles, dict(attrs or {}), shape, _dtype_name(out.dtype)))
+        attrs = dict(attrs or {})
+        shape = _activated_shape(tuple(out.shape), attrs.get("activation"))
+        # Where the node came from, for plots and reports: recorded now, never parsed back from its name.
+        attrs["layer"] = self.layer
+        if slab is not None:
+            attrs["slab"] = int(slab)
+        self.nodes.append(Node(name, op, tuple(inputs), roles, attrs, shape, _dtype_name(out.dtype)))
         return name
 
 
@@ -116,25 +126,29 @@ def _require_channels_last(layer):
 KERNEL_LAYOUT = {"kernel": "oi"}
 
 
-@lowers(mann_layers.MaskedDense, keras.layers.Dense)
+def _kernel_and_bias(layer) -> tuple[np.ndarray, np.ndarray | None]:
+    """The kernel and bias as the layer applies them: masked for a MANN layer, as stored for a Keras one."""
+    if getattr(layer, "masked", False):
+        return _numpy(layer.masked_kernel()), _numpy(layer.masked_bias())
+    return _numpy(layer.kernel), _numpy(layer.bias)
+
+
+@LOWERINGS.register(mann_layers.MaskedDense, keras.layers.Dense)
 def _dense(b, layer, inputs, outputs, name):
     if getattr(layer, "quantization_mode", None):
         raise CompactionError(f"Layer '{layer.name}' is quantized ({layer.quantization_mode}); compact the float model")
-    if isinstance(layer, mann_layers.MaskedDense):
-        kernel, bias = _numpy(layer.masked_kernel()), _numpy(layer.masked_bias())
-    else:
-        kernel, bias = _numpy(layer.kernel), _numpy(layer.bias)
+    kernel, bias = _kernel_and_bias(layer)
     attrs = {"activation": _activation(layer)}
     return [b.add(name, "dense", inputs, outputs[0], {"kernel": kernel, "bias": bias}, attrs, KERNEL_LAYOUT)]
 
 
-@lowers(mann_layers.MultiDense, mann_layers.MultiMaskedDense)
+@LOWERINGS.register(mann_layers.MultiDense, mann_layers.MultiMaskedDense)
 def _multi_dense(b, layer, inputs, outputs, name):
     kernel, bias = _numpy(layer.masked_kernel()), _numpy(layer.masked_bias())
     attrs = {"activation": _activation(layer)}
     return [
         b.add(f"{name}[{i}]", "dense", [x], out, {"kernel": kernel[i], "bias": None if bias is None else bias[i]},
-              attrs, KERNEL_LAYOUT)
+              attrs, KERNEL_LAYOUT, slab=i)
         for i, (x, out) in enumerate(zip(inputs, outputs))
     ]
 
@@ -153,22 +167,19 @@ def _conv_attrs(layer) -> dict:
     }
 
 
-@lowers(mann_layers.MaskedConv2D, keras.layers.Conv2D)
+@LOWERINGS.register(mann_layers.MaskedConv2D, keras.layers.Conv2D)
 def _conv2d(b, layer, inputs, outputs, name):
-    if isinstance(layer, mann_layers.MaskedConv2D):
-        kernel, bias = _numpy(layer.masked_kernel()), _numpy(layer.masked_bias())
-    else:
-        kernel, bias = _numpy(layer.kernel), _numpy(layer.bias)
+    kernel, bias = _kernel_and_bias(layer)
     return [b.add(name, "conv2d", inputs, outputs[0], {"kernel": kernel, "bias": bias}, _conv_attrs(layer), KERNEL_LAYOUT)]
 
 
-@lowers(mann_layers.MultiConv2D, mann_layers.MultiMaskedConv2D)
+@LOWERINGS.register(mann_layers.MultiConv2D, mann_layers.MultiMaskedConv2D)
 def _multi_conv2d(b, layer, inputs, outputs, name):
     kernel, bias = _numpy(layer.masked_kernel()), _numpy(layer.masked_bias())
     attrs = _conv_attrs(layer)
     return [
         b.add(f"{name}[{i}]", "conv2d", [x], out, {"kernel": kernel[i], "bias": None if bias is None else bias[i]},
-              attrs, KERNEL_LAYOUT)
+              attrs, KERNEL_LAYOUT, slab=i)
         for i, (x, out) in enumerate(zip(inputs, outputs))
     ]
 
@@ -178,23 +189,26 @@ def _pool_attrs(layer) -> dict:
     return {"pool_size": list(layer.pool_size), "strides": list(layer.strides), "padding": layer.padding}
 
 
-@lowers(keras.layers.MaxPooling2D)
+@LOWERINGS.register(keras.layers.MaxPooling2D)
 def _max_pool(b, layer, inputs, outputs, name):
     return [b.add(name, "max_pool2d", inputs, outputs[0], attrs=_pool_attrs(layer))]
 
 
-@lowers(keras.layers.AveragePooling2D)
+@LOWERINGS.register(keras.layers.AveragePooling2D)
 def _avg_pool(b, layer, inputs, outputs, name):
     return [b.add(name, "avg_pool2d", inputs, outputs[0], attrs=_pool_attrs(layer))]
 
 
-@lowers(mann_layers.MultiMaxPool2D)
+@LOWERINGS.register(mann_layers.MultiMaxPool2D)
 def _multi_max_pool(b, layer, inputs, outputs, name):
     attrs = {"pool_size": list(layer.pool_size), "strides": list(layer.strides), "padding": layer.padding}
-    return [b.add(f"{name}[{i}]", "max_pool2d", [x], out, attrs=attrs) for i, (x, out) in enumerate(zip(inputs, outputs))]
+    return [
+        b.add(f"{name}[{i}]", "max_pool2d", [x], out, attrs=attrs, slab=i)
+        for i, (x, out) in enumerate(zip(inputs, outputs))
+    ]
 
 
-@lowers(keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D)
+@LOWERINGS.register(keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D)
 def _global_avg_pool(b, layer, inputs, outputs, name):
     _require_channels_last(layer)
     rank = 3 if isinstance(layer, keras.layers.GlobalAveragePooling1D) else 4
@@ -202,18 +216,18 @@ def _global_avg_pool(b, layer, inputs, outputs, name):
     return [b.add(name, "global_avg_pool", inputs, outputs[0], attrs=attrs)]
 
 
-@lowers(keras.layers.Flatten)
+@LOWERINGS.register(keras.layers.Flatten)
 def _flatten(b, layer, inputs, outputs, name):
     _require_channels_last(layer)
     return [b.add(name, "flatten", inputs, outputs[0])]
 
 
-@lowers(keras.layers.Reshape)
+@LOWERINGS.register(keras.layers.Reshape)
 def _reshape(b, layer, inputs, outputs, name):
     return [b.add(name, "reshape", inputs, outputs[0], attrs={"shape": [int(d) for d in layer.target_shape]})]
 
 
-@lowers(keras.layers.Embedding)
+@LOWERINGS.register(keras.layers.Embedding)
 def _embedding(b, layer, inputs, outputs, name):
     if layer.mask_zero:
         raise CompactionError(
@@ -225,7 +239,7 @@ def _embedding(b, layer, inputs, outputs, name):
     return [b.add(name, "embedding", inputs, outputs[0], {"table": _numpy(layer.embeddings)})]
 
 
-@lowers(keras.layers.BatchNormalization)
+@LOWERINGS.register(keras.layers.BatchNormalization)
 def _batch_norm(b, layer, inputs, outputs, name):
     rank = len(outputs[0].shape)
     if layer.axis not in (-1, rank - 1):
@@ -238,7 +252,7 @@ def _batch_norm(b, layer, inputs, outputs, name):
     return [b.add(name, "scale_shift", inputs, outputs[0], {"scale": scale, "shift": shift})]
 
 
-@lowers(keras.layers.LayerNormalization)
+@LOWERINGS.register(keras.layers.LayerNormalization)
 def _layer_norm(b, layer, inputs, outputs, name):
     if getattr(layer, "rms_scaling", False):
         raise CompactionError(f"LayerNormalization '{layer.name}' uses rms_scaling, which mann-edge does not support")
@@ -255,30 +269,30 @@ def _activation_node(b, name, inputs, outputs, activation):
     return [b.add(name, "activation", inputs, outputs[0], attrs={"activation": activation})]
 
 
-@lowers(keras.layers.Activation)
+@LOWERINGS.register(keras.layers.Activation)
 def _activation_layer(b, layer, inputs, outputs, name):
     return _activation_node(b, name, inputs, outputs, _activation(layer))
 
 
-@lowers(keras.layers.ReLU)
+@LOWERINGS.register(keras.layers.ReLU)
 def _relu_layer(b, layer, inputs, outputs, name):
     params = {"negative_slope": float(layer.negative_slope), "threshold": float(layer.threshold),
               "max_value": None if layer.max_value is None else float(layer.max_value)}
     return _activation_node(b, name, inputs, outputs, normalize_activation({"name": "relu", **params}))
 
 
-@lowers(keras.layers.LeakyReLU)
+@LOWERINGS.register(keras.layers.LeakyReLU)
 def _leaky_relu_layer(b, layer, inputs, outputs, name):
     activation = {"name": "leaky_relu", "negative_slope": float(layer.negative_slope)}
     return _activation_node(b, name, inputs, outputs, normalize_activation(activation))
 
 
-@lowers(keras.layers.ELU)
+@LOWERINGS.register(keras.layers.ELU)
 def _elu_layer(b, layer, inputs, outputs, name):
     return _activation_node(b, name, inputs, outputs, normalize_activation({"name": "elu", "alpha": float(layer.alpha)}))
 
 
-@lowers(keras.layers.Softmax)
+@LOWERINGS.register(keras.layers.Softmax)
 def _softmax_layer(b, layer, inputs, outputs, name):
     axis = layer.axis if isinstance(layer.axis, int) else None
     if axis is None:
@@ -286,29 +300,29 @@ def _softmax_layer(b, layer, inputs, outputs, name):
     return _activation_node(b, name, inputs, outputs, normalize_activation({"name": "softmax", "axis": axis}))
 
 
-@lowers(keras.layers.Add, mann_layers.SumLayer)
+@LOWERINGS.register(keras.layers.Add, mann_layers.SumLayer)
 def _add(b, layer, inputs, outputs, name):
     return [b.add(name, "add", inputs, outputs[0])]
 
 
-@lowers(keras.layers.Concatenate)
+@LOWERINGS.register(keras.layers.Concatenate)
 def _concat(b, layer, inputs, outputs, name):
     return [b.add(name, "concat", inputs, outputs[0], attrs={"axis": layer.axis % len(outputs[0].shape)})]
 
 
-@lowers(mann_layers.SelectorLayer)
+@LOWERINGS.register(mann_layers.SelectorLayer)
 def _selector(b, layer, inputs, outputs, name):
     return [inputs[layer.sel_index]]
 
 
-@lowers(mann_layers.FilterLayer)
+@LOWERINGS.register(mann_layers.FilterLayer)
 def _filter(b, layer, inputs, outputs, name):
     if layer.is_on:
         return list(inputs)
     return [b.add(name, "zeros_like", inputs, outputs[0])]
 
 
-@lowers(
+@LOWERINGS.register(
     keras.layers.Dropout,
     keras.layers.SpatialDropout1D,
     keras.layers.SpatialDropout2D,
@@ -356,15 +370,11 @@ def _walk(model, builder: _Builder) -> dict[int, str]:
                     f"Layer '{layer.name}' is a nested model ({type(layer).__name__}); call its layers directly "
                     "in the outer model before compacting"
                 )
-            lowering = LOWERINGS.get(type(layer))
-            if lowering is None:
-                supported = sorted({cls.__name__ for cls in LOWERINGS})
-                raise CompactionError(
-                    f"Layer '{layer.name}' of class {type(layer).__name__} cannot be compacted. Supported layers: {supported}"
-                )
+            lowering = LOWERINGS.lookup(type(layer), context=f"layer '{layer.name}'")
             index = layer._inbound_nodes.index(node)
             name = layer.name if index == 0 else f"{layer.name}@{index}"
             inputs = [tensors[id(kt)] for kt in node.arguments.keras_tensors]
+            builder.layer = layer.name
             results = lowering(builder, layer, inputs, node.outputs, name)
             for kt, result in zip(node.outputs, results):
                 tensors[id(kt)] = result
@@ -444,7 +454,7 @@ def task_usage(model) -> list[TaskUsage]:
                 inputs.add(layer.name)
                 continue
             arguments = layer._inbound_nodes[node_index].arguments.keras_tensors
-            if isinstance(layer, mann_layers.MULTITASK_LAYERS):
+            if getattr(layer, "multitask", False):
                 layers.add((layer.name, tensor_index))
                 stack.append(arguments[tensor_index])
             elif isinstance(layer, mann_layers.SelectorLayer):
@@ -457,17 +467,53 @@ def task_usage(model) -> list[TaskUsage]:
 
 
 def mask_overlaps(model) -> list[dict]:
-    """Per multitask layer and weight: how many positions more than one task's mask (or nonzeros) claims."""
+    """Per multitask layer and weight: how many positions more than one task's mask (or nonzeros) claims.
+
+    Overlap is judged on kernels only; ``must_be_disjoint`` says which rows count. Disjoint
+    masks are RSN2's promise about kernel positions: each task's subnetwork holds positions
+    no other task uses. A bias is a handful of values per output unit, each task keeps its
+    own bias slab in the compact model, and the original packages do not prune conv biases
+    (their bias masks stay all ones while the kernel masks are disjoint), so shared bias
+    positions are listed here (``must_be_disjoint`` False) but are not an overlap: they
+    neither warn nor make ``strict`` fail.
+
+    Returns:
+        One row per weight: ``layer``, ``weight`` ('kernel' or 'bias'), ``positions`` (per
+        slab), ``overlapping`` (positions more than one slab claims), ``must_be_disjoint``.
+
+    Example:
+        >>> [row for row in mask_overlaps(model) if row["overlapping"] and row["must_be_disjoint"]]
+        []
+    """
     rows = []
     for layer in model.layers:
-        if not isinstance(layer, (mann_layers.MultiDense, mann_layers.MultiConv2D)):
+        if not (getattr(layer, "multitask", False) and layer.weights):  # multitask pooling holds no slabs
             continue
         masks = layer.get_masks() if layer.masked else [_numpy(layer.w)] + ([_numpy(layer.b)] if layer.use_bias else [])
         for role, mask in zip(("kernel", "bias"), masks):
             claimed = (mask != 0).sum(axis=0)
             overlap = int((claimed > 1).sum())
-            rows.append({"layer": layer.name, "weight": role, "positions": int(claimed.size), "overlapping": overlap})
+            rows.append({"layer": layer.name, "weight": role, "positions": int(claimed.size), "overlapping": overlap,
+                         "must_be_disjoint": role == "kernel"})
     return rows
+
+
+def _check_overlaps(model, strict: bool) -> None:
+    """Warns about every kernel overlap `mask_overlaps` finds; with ``strict`` it raises instead.
+
+    Shared bias positions are allowed (see `mask_overlaps`), so they say nothing here;
+    `mann-edge inspect` lists them.
+    """
+    for row in mask_overlaps(model):
+        if not (row["overlapping"] and row["must_be_disjoint"]):
+            continue
+        message = (
+            f"Multitask layer '{row['layer']}': {row['overlapping']} of {row['positions']} {row['weight']} positions "
+            "are used by more than one task (masks are not disjoint)"
+        )
+        if strict:
+            raise CompactionError(message)
+        warnings.warn(message, MaskOverlapWarning, stacklevel=3)
 
 
 def compact(
@@ -485,13 +531,15 @@ def compact(
         model: a functional or Sequential Keras 3 model (e.g. from `load_legacy`).
         task_names: one name per model output, in output order. Default: the model's
             output names, else ``task0..taskN-1``.
-        strict: raise (instead of warn) when two tasks' masks in a multitask layer overlap.
+        strict: raise (instead of warn) when two tasks' kernel masks in a multitask layer
+            overlap. Shared bias positions only warn, also with ``strict``: the original
+            packages leave conv bias masks all ones (see `mask_overlaps`).
         labels: optional class names per task (task name -> list of str), kept in the manifest.
         source, source_sha256: provenance of the file the model came from.
 
     Raises:
         CompactionError: a layer it cannot compact (named with its class), NaN weights,
-            overlapping masks with ``strict``, bad task names.
+            overlapping kernel masks with ``strict``, bad task names.
 
     Example:
         >>> cm = compact(model, task_names=["digits", "cancer"])
@@ -499,15 +547,7 @@ def compact(
         (n, 10)
     """
     model = _functional(model)
-    for row in mask_overlaps(model):
-        if row["overlapping"]:
-            message = (
-                f"Multitask layer '{row['layer']}': {row['overlapping']} of {row['positions']} {row['weight']} positions "
-                "are used by more than one task (masks are not disjoint)"
-            )
-            if strict:
-                raise CompactionError(message)
-            warnings.warn(message, MaskOverlapWarning, stacklevel=2)
+    _check_overlaps(model, strict)
 
     builder = _Builder()
     tensors = _walk(model, builder)
@@ -539,8 +579,9 @@ def compact(
         "source_sha256": source_sha256,
         "mann_edge_version": __version__,
         "keras_version": keras.__version__,
-        "created": _now(),
     }
+    if os.environ.get("SOURCE_DATE_EPOCH"):  # a build date only on request: the same source gives the same bytes
+        provenance["created"] = build_time().isoformat()
     full = CompactModel(input_specs, nodes, tasks, builder.weights, provenance)
     return full.select_tasks(names)
 
@@ -557,10 +598,4 @@ def _task_names(model, task_names, count) -> list[str]:
     if len(set(names)) != len(names) or any(not n for n in names):
         raise CompactionError(f"Task names must be unique and non-empty. Received: {names}")
     return names
-
-
-def _now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from mann_edge import samples
 from mann_edge.api import DEFAULT_FORMATS, ConvertResult, convert, output_paths, print_progress
+from mann_edge.formats import FORMATS
 
 __all__ = ["run_demo", "add_arguments"]
 
@@ -58,21 +58,18 @@ def run_demo(args) -> int:
     print(result.format_table())
     print("\nOne prediction per task on a held-out example, on every backend this machine runs:")
     print(_predictions_table(name, result))
-    if platform.system() != "Darwin":
-        print("\nCore ML predicts on macOS only; here its packages were verified by evaluating their MIL programs "
-              "in numpy (see `mann-edge verify`).")
+    for name in result.artifacts:
+        if not FORMATS[name].runs_here():
+            where = ", ".join({"Darwin": "macOS"}.get(system, system) for system in FORMATS[name].runs_on)
+            print(f"\n{FORMATS[name].title} predicts on {where} only; here its export was verified without that "
+                  "runtime (Core ML: by evaluating the saved ML programs in numpy; see `mann-edge verify`).")
     print(f"\nFiles in {out}/. Next: `mann-edge inspect {out}/model.mann --plot masks.png`")
     return 0
 
 
 def _backends(result: ConvertResult) -> dict[str, Path]:
-    runnable = {"mann": result.artifacts["mann"]}
-    for format in ("tflite", "onnx"):
-        if format in result.artifacts:
-            runnable[format] = result.artifacts[format]
-    if platform.system() == "Darwin" and "coreml" in result.artifacts:
-        runnable["coreml"] = result.artifacts["coreml"]
-    return runnable
+    """The artifacts whose runtime predicts on this machine, by format."""
+    return {name: path for name, path in result.artifacts.items() if FORMATS[name].runs_here()}
 
 
 def _predictions_table(name: str, result: ConvertResult) -> str:

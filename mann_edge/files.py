@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import os
 import re
@@ -13,7 +14,7 @@ from typing import Iterable, Iterator
 
 from mann_edge.errors import OutputExistsError
 
-__all__ = ["atomic_output", "check_writable_dir", "sha256_file", "file_stems"]
+__all__ = ["atomic_output", "check_writable_dir", "sha256_file", "file_stems", "build_time"]
 
 
 @contextlib.contextmanager
@@ -113,3 +114,24 @@ def file_stems(names: Iterable[str]) -> dict[str, str]:
         taken.add(candidate.lower())
         result[name] = candidate
     return result
+
+
+def build_time() -> datetime.datetime:
+    """The time outputs are stamped with: ``SOURCE_DATE_EPOCH`` when set, else 1980-01-01 (the zip epoch).
+
+    Never the current time, so converting the same source twice writes the same bytes
+    (reproducible builds, https://reproducible-builds.org/specs/source-date-epoch/).
+
+    Example:
+        >>> os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
+        >>> build_time().isoformat()
+        '2023-11-14T22:13:20+00:00'
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch:
+        try:
+            # zip timestamps cannot go before 1980
+            return datetime.datetime.fromtimestamp(max(int(epoch), 315532800), datetime.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise ValueError(f"SOURCE_DATE_EPOCH must be a number of seconds since 1970. Received: {epoch!r}") from None
+    return datetime.datetime(1980, 1, 1, tzinfo=datetime.timezone.utc)

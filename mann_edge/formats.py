@@ -62,6 +62,8 @@ class Format:
         artifact: the file or directory name `convert` gives it in an output directory (a
             converter may pick another for some options; see `artifact_name`).
         dtypes: the `dtype` values its export takes.
+        runtime: the runtime that runs it, for tables.
+        runtime_module: the module that runtime lives in (imported ahead to measure memory).
         session: "module:Class" of its runtime session.
         converter: the module with ``export``, ``validate``, ``artifact_name``, ``task_files``
             and ``check_options``.
@@ -74,6 +76,8 @@ class Format:
     suffix: str
     artifact: str
     dtypes: tuple[str, ...]
+    runtime: str
+    runtime_module: str
     session: str
     converter: str
     runs_on: tuple[str, ...] = ()
@@ -108,24 +112,24 @@ FORMATS: dict[str, Format] = {
     for format in (
         Format(
             name="mann", title="mann-edge bundle", suffix=".mann", artifact="model.mann",
-            dtypes=("float32", "float16"),
+            dtypes=("float32", "float16"), runtime="mann-edge bundle runtime", runtime_module="mann_edge.runtime.kernels",
             session="mann_edge.runtime.bundle:BundleSession", converter="mann_edge.converters.bundle",
             directory_marker=lambda d: (d / "manifest.json").is_file() and (d / "weights.safetensors").exists(),
         ),
         Format(
             name="tflite", title="TFLite (LiteRT)", suffix=".tflite", artifact="model.tflite",
-            dtypes=("float32", "float16", "int8"),
+            dtypes=("float32", "float16", "int8"), runtime="LiteRT", runtime_module="ai_edge_litert.interpreter",
             session="mann_edge.runtime.litert:LiteRTSession", converter="mann_edge.converters.tflite",
         ),
         Format(
             name="onnx", title="ONNX", suffix=".onnx", artifact="onnx",
-            dtypes=("float32", "float16"),
+            dtypes=("float32", "float16"), runtime="onnxruntime", runtime_module="onnxruntime",
             session="mann_edge.runtime.onnx:OnnxSession", converter="mann_edge.converters.onnx",
             directory_marker=_holds("*.onnx"),
         ),
         Format(
             name="coreml", title="Core ML", suffix=".mlpackage", artifact="coreml",
-            dtypes=("float32", "float16"),
+            dtypes=("float32", "float16"), runtime="Core ML", runtime_module="coremltools",
             session="mann_edge.runtime.coreml:CoreMLSession", converter="mann_edge.converters.coreml",
             runs_on=("Darwin",), directory_marker=_holds("*.mlpackage"),
         ),

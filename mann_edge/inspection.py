@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mann_edge.graph.model import CompactModel
+from mann_edge.graph.model import CompactModel, Node
 from mann_edge.sources import load_source
 
 __all__ = ["inspect", "format_report"]
@@ -14,7 +14,8 @@ def inspect(source, task_names: Sequence[str] | None = None) -> dict:
     """A JSON-able report of ``source`` (`.keras`, `.h5`, `.mann`, a Keras model or a CompactModel).
 
     Keys: ``source``, ``tasks`` (inputs, outputs, parameters, nonzeros, density, bytes
-    compact vs dense float32), ``layers`` (the same per op) and ``total``.
+    compact vs dense float32), ``layers`` (the same per op, with the Keras ``layer`` and
+    multitask ``slab`` it came from) and ``total``.
 
     Example:
         >>> report = inspect("model.mann")
@@ -37,7 +38,11 @@ def report_of(model: CompactModel, source: str) -> dict:
             }
         )
     layers = [
-        {**row, "density": row["nonzeros"] / row["params"] if row["params"] else None}
+        {
+            **row,
+            **_origin(model.node(row["node"])),
+            "density": row["nonzeros"] / row["params"] if row["params"] else None,
+        }
         for row in model.node_stats()
     ]
     params = sum(r["params"] for r in layers)
@@ -55,6 +60,14 @@ def report_of(model: CompactModel, source: str) -> dict:
             "dense_bytes": sum(r["dense_bytes"] for r in layers),
         },
     }
+
+
+def _origin(node: Node) -> dict:
+    """The Keras layer (and multitask slab) a node came from, as compaction recorded them.
+
+    A bundle written before nodes recorded them counts each node as its own layer.
+    """
+    return {"layer": node.attrs.get("layer", node.name), "slab": node.attrs.get("slab")}
 
 
 def _size(n: int) -> str:

@@ -5,7 +5,10 @@ functional model of `mann_edge` layers (and the standard Keras layers mann-edge
 compacts), then every weight is copied by name from ``model_weights``. Only the
 classes listed in `LEGACY_CLASSES` are built; anything else (a `Lambda`, an
 unknown custom layer) is refused with its layer name, so reading a file never
-runs code from it. Neither original package is needed.
+runs code from it. Neither original package is needed. The `mann_edge` classes
+are found by name in the layers package's ``__all__`` (they keep the original
+class names), and whether a layer takes a list of inputs is its class's
+``list_input`` attribute.
 
 Example:
     >>> model = load_legacy("mann_mlp.h5")
@@ -18,22 +21,21 @@ import json
 import os
 from pathlib import Path
 
+import keras
 import numpy as np
 
+from mann_edge import layers as mann_layers
 from mann_edge.errors import LegacyFormatError
 
 __all__ = ["load_legacy", "LEGACY_CLASSES"]
 
-# Keras 2 classes that take a list of tensors as their one input.
-_LIST_INPUT = {"MultiMaskedDense", "MultiMaskedConv2D", "MultiDense", "MultiConv2D", "MultiMaxPool2D",
-               "SelectorLayer", "SumLayer", "Add", "Concatenate"}
-
-_MANN_CLASSES = ("MaskedDense", "MaskedConv2D", "MultiMaskedDense", "MultiMaskedConv2D", "MultiDense", "MultiConv2D",
-                 "MultiMaxPool2D", "SelectorLayer", "FilterLayer", "SumLayer")
+# The mann_edge layer classes by name: the original packages' class names are ours.
+_MANN_CLASSES = {name: getattr(mann_layers, name) for name in mann_layers.__all__}
+# Standard Keras layers a legacy file may hold, built from keras.layers by name.
 _KERAS_CLASSES = ("Dense", "Conv2D", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling1D",
                   "GlobalAveragePooling2D", "Flatten", "Reshape", "Embedding", "Dropout", "BatchNormalization",
                   "LayerNormalization", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate")
-LEGACY_CLASSES = ("InputLayer",) + _MANN_CLASSES + _KERAS_CLASSES
+LEGACY_CLASSES = ("InputLayer",) + tuple(_MANN_CLASSES) + _KERAS_CLASSES
 # Keras 2 spellings that Keras 3 renamed.
 _ALIASES = {"MaxPool2D": "MaxPooling2D", "AvgPool2D": "AveragePooling2D", "Convolution2D": "Conv2D"}
 
@@ -77,8 +79,6 @@ def load_legacy(path: "str | os.PathLike"):
 
 
 def _build(config: dict, path: Path):
-    import keras
-
     class_name = config.get("class_name")
     body = config.get("config", {})
     if class_name == "Sequential":
@@ -103,8 +103,7 @@ def _build(config: dict, path: Path):
             layer = _layer(layer_config, path)
             for node_index, call in enumerate(calls):
                 args = [outputs[(ref[0], ref[1])][ref[2]] for ref in call]
-                as_list = _canonical(layer_config["class_name"]) in _LIST_INPUT
-                result = layer(args if as_list else args[0])
+                result = layer(args if _takes_list(layer, args) else args[0])
                 outputs[(name, node_index)] = list(result) if isinstance(result, (list, tuple)) else [result]
         if not progressed:
             names = [c.get("name") for c in pending]
@@ -114,9 +113,17 @@ def _build(config: dict, path: Path):
     return keras.Model(inputs, model_outputs, name=body.get("name"))
 
 
-def _build_sequential(body: dict, path: Path):
-    import keras
+def _takes_list(layer, args: list) -> bool:
+    """Whether ``layer`` was called on a list of the tensors ``args`` rather than on ``args[0]``.
 
+    A mann_edge class says so (``list_input``), also for a list of one (a one-task MANN).
+    Keras 2 configs record one reference per tensor of a call, so a standard Keras layer
+    (Add, Concatenate) read several tensors exactly when it was called on a list.
+    """
+    return getattr(layer, "list_input", False) or len(args) > 1
+
+
+def _build_sequential(body: dict, path: Path):
     layer_configs = body.get("layers", [])
     if not layer_configs:
         raise LegacyFormatError(f"{path}: Sequential model has no layers")
@@ -152,8 +159,6 @@ def _canonical(class_name: str) -> str:
 
 
 def _input(config: dict, name: str, path: Path):
-    import keras
-
     shape = config.get("batch_input_shape") or config.get("batch_shape")
     if shape is None:
         raise LegacyFormatError(f"{path}: InputLayer '{name}' has no batch_input_shape")
@@ -161,10 +166,6 @@ def _input(config: dict, name: str, path: Path):
 
 
 def _layer(layer_config: dict, path: Path):
-    import keras
-
-    from mann_edge import layers as mann_layers
-
     class_name = _canonical(layer_config.get("class_name", "?"))
     config = dict(layer_config.get("config", {}))
     name = config.get("name", layer_config.get("name"))
@@ -176,9 +177,8 @@ def _layer(layer_config: dict, path: Path):
     if isinstance(config.get("dtype"), dict):  # Keras 2.13 mixed-precision policies
         config["dtype"] = config["dtype"].get("config", {}).get("name", "float32")
     try:
-        if class_name in _MANN_CLASSES:
-            return getattr(mann_layers, class_name).from_config(config)
-        return getattr(keras.layers, class_name).from_config(config)
+        cls = _MANN_CLASSES.get(class_name) or getattr(keras.layers, class_name)
+        return cls.from_config(config)
     except (TypeError, ValueError) as error:
         raise LegacyFormatError(f"{path}: layer '{name}' ({class_name}) has a config mann-edge cannot use: {error}") from None
 

@@ -7,9 +7,11 @@ by the task whose slab holds a nonzero weight there. With RSN2's exclusive masks
 the tasks' subsets are disjoint, as in the MANN paper's figure; a position held by
 several tasks (masks that overlap, as in some legacy files) gets its own colour.
 
-The ownership is read from the compact model (slab ``i`` of layer ``L`` is its node
-``L[i]``), so a Keras model, a `.keras`/`.h5` file and a `.mann` bundle all give
-the same picture. matplotlib draws with the Agg canvas: no display needed.
+The ownership is read from the compact model, whose nodes record the Keras layer
+and the slab they came from (``attrs["layer"]``, ``attrs["slab"]``), so a Keras
+model, a `.keras`/`.h5` file and a `.mann` bundle all give the same picture. A
+bundle written before nodes recorded them gets one panel per dense/conv op.
+matplotlib draws with the Agg canvas: no display needed.
 
 Example:
     >>> plot_masks("model.mann", "masks.png", formats_bytes={"onnx": 812_345, "tflite": 402_112})
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -29,7 +30,7 @@ import numpy as np
 
 from mann_edge.errors import MannEdgeError
 from mann_edge.files import atomic_output
-from mann_edge.graph.model import CompactModel
+from mann_edge.graph.model import CompactModel, Node
 
 __all__ = ["plot_masks", "layer_ownership", "LayerOwnership", "task_colors", "FREE_COLOR", "OVERLAP_COLOR",
            "MAX_CELLS"]
@@ -41,7 +42,7 @@ OVERLAP_COLOR = "#d62728"
 FREE, OVERLAP = -1, -2  # ownership codes besides the slab index
 MAX_CELLS = 192  # a panel shows at most this many rows and columns; larger matrices are pooled
 IMAGE_FORMATS = ("png", "svg", "pdf")
-_SLAB = re.compile(r"^(?P<layer>.+)\[(?P<slab>\d+)\]$")
+KERNEL_OPS = ("dense", "conv2d")
 
 
 @dataclass(frozen=True)
@@ -78,23 +79,25 @@ def task_colors(count: int) -> list[str]:
 def layer_ownership(model: CompactModel) -> list[LayerOwnership]:
     """Per multitask layer of ``model`` (graph order): which slab owns each kernel position.
 
+    Layers and slabs are those the nodes record (``attrs["layer"]``, ``attrs["slab"]``);
+    in a bundle written before nodes recorded them, each dense/conv op is its own layer.
+
     Example:
         >>> [o.layer for o in layer_ownership(cm)]
         ['shared_1', 'shared_2']
     """
-    groups: dict[str, dict[int, object]] = {}
-    for node in model.nodes:
-        match = _SLAB.match(node.name)
-        if match and node.op in ("dense", "conv2d") and "kernel" in node.weights:
-            groups.setdefault(match["layer"], {})[int(match["slab"])] = node
-    users = {node.name: [] for slabs in groups.values() for node in slabs.values()}
+    groups = _kernel_slabs(model)
+    users: dict[str, list[str]] = {node.name: [] for slabs in groups.values() for nodes in slabs.values()
+                                   for node in nodes}
     for task in model.tasks:
         for node in model.task_nodes(task.name):
             if node.name in users:
                 users[node.name].append(task.name)
     result = []
     for layer, slabs in groups.items():
-        nodes = [slabs[i] for i in sorted(slabs)]
+        indices = sorted(slabs)
+        # A layer called more than once has one node per call and slab, all with that slab's kernel.
+        nodes = [slabs[i][0] for i in indices]
         kernels = [model.dense_weight(node.weights["kernel"]) for node in nodes]
         shapes = {k.shape for k in kernels}
         if len(shapes) != 1:
@@ -102,9 +105,45 @@ def layer_ownership(model: CompactModel) -> list[LayerOwnership]:
         held = np.stack([k.reshape(-1, k.shape[-1]) != 0 for k in kernels])  # (slabs, rows, cols)
         owner = np.where(held.any(axis=0), held.argmax(axis=0), FREE).astype(np.int16)
         owner[held.sum(axis=0) > 1] = OVERLAP
-        names = tuple(", ".join(users[node.name]) or f"slab {i}" for i, node in zip(sorted(slabs), nodes))
+        names = tuple(
+            ", ".join(dict.fromkeys(task for node in slabs[i] for task in users[node.name])) or f"slab {i}"
+            for i in indices
+        )
         result.append(LayerOwnership(layer, nodes[0].op, tuple(kernels[0].shape), names, owner))
     return result
+
+
+def _records_layers(model: CompactModel) -> bool:
+    """Whether ``model``'s nodes record the layer they came from (bundles written before they did do not)."""
+    return any("layer" in node.attrs for node in model.nodes)
+
+
+def _kernel_slabs(model: CompactModel) -> dict[str, dict[int, list[Node]]]:
+    """Layer -> slab -> the dense/conv nodes of that slab, in graph order, from the nodes' attributes.
+
+    Only branches of multitask layers (nodes with ``attrs["slab"]``) count. A model whose
+    nodes record no layer (an older bundle) cannot tell which ops were slabs: each kernel
+    op is then its own one-slab layer, named by its node.
+    """
+    recorded = _records_layers(model)
+    groups: dict[str, dict[int, list[Node]]] = {}
+    for node in model.nodes:
+        if node.op not in KERNEL_OPS or "kernel" not in node.weights:
+            continue
+        if "slab" in node.attrs:
+            layer, slab = node.attrs.get("layer", node.name), int(node.attrs["slab"])
+        elif not recorded:
+            layer, slab = node.name, 0
+        else:
+            continue
+        groups.setdefault(layer, {}).setdefault(slab, []).append(node)
+    return groups
+
+
+def _legend_names(panels: list[LayerOwnership]) -> list[str]:
+    """The label of each slab colour: the names slab ``i`` has across the panels, each once."""
+    count = max(len(panel.slabs) for panel in panels)
+    return [" / ".join(dict.fromkeys(p.slabs[i] for p in panels if i < len(p.slabs))) for i in range(count)]
 
 
 def _pooled(owner: np.ndarray, slabs: int, max_cells: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -238,7 +277,7 @@ def plot_masks(source, path, *, formats_bytes: Mapping[str, float] | None = None
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    slab_names = max((p.slabs for p in panels), key=len)
+    slab_names = _legend_names(panels)
     colors = task_colors(len(slab_names))
     columns = min(len(panels), 3)
     rows = math.ceil(len(panels) / columns)
@@ -256,7 +295,10 @@ def plot_masks(source, path, *, formats_bytes: Mapping[str, float] | None = None
     if any(p.overlapping for p in panels):
         handles.append(Patch(facecolor=OVERLAP_COLOR, edgecolor="none", label="several tasks"))
     figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8, frameon=False)
-    figure.suptitle("Weights by owning task", fontsize=10)
+    title = "Weights by owning task"
+    if not _records_layers(model):
+        title += " (a bundle without layer records: one panel per op)"
+    figure.suptitle(title, fontsize=10)
 
     with atomic_output(path, force=force) as tmp:
         figure.savefig(tmp, format=image_format, dpi=110)

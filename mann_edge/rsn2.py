@@ -29,7 +29,6 @@ from typing import Callable, Mapping, Sequence
 import keras
 import numpy as np
 
-from mann_edge import layers as mann_layers
 from mann_edge.compaction import task_usage
 
 __all__ = ["mask_model", "select_mask", "train_task", "prune_task", "fit_rsn2", "TaskReport", "RSN2Report", "sparsity_of"]
@@ -93,15 +92,15 @@ class _Weight:
 
     @property
     def blockable(self) -> bool:
-        # TFLite's sparse kernel exists for fully connected layers: dense kernels only.
-        return self.role == "kernel" and isinstance(self.layer, (mann_layers.MaskedDense, mann_layers.MultiDense))
+        # The layer class says whether its kernel can be pruned in blocks (TFLite's sparse kernel is for dense layers).
+        return self.role == "kernel" and getattr(self.layer, "block_prunable", False)
 
 
 def _masked_weights(model) -> list[_Weight]:
     weights = []
     for layer in model.layers:
-        if getattr(layer, "masked", False) and isinstance(layer, mann_layers.MASKED_LAYERS):
-            multitask = isinstance(layer, mann_layers.MULTITASK_LAYERS)
+        if getattr(layer, "masked", False):
+            multitask = getattr(layer, "multitask", False)
             weights.append(_Weight(layer, "kernel", layer.w, layer.w_mask, multitask))
             if layer.use_bias:
                 weights.append(_Weight(layer, "bias", layer.b, layer.b_mask, multitask))
@@ -255,7 +254,7 @@ def _ownership(model, task: int, protect: Sequence[int]):
     for layer in model.layers:
         for variable in layer.trainable_weights:
             keep = np.zeros(variable.shape, np.float32)
-            if isinstance(layer, mann_layers.MULTITASK_LAYERS):
+            if getattr(layer, "multitask", False):
                 for slab in range(variable.shape[0]):
                     if (layer.name, slab) in mine and (layer.name, slab) not in protected:
                         keep[slab] = 1.0

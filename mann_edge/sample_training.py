@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from mann_edge import rsn2, samples
 from mann_edge.files import atomic_output
-from mann_edge.layers import MULTITASK_LAYERS, MaskedConv2D, MaskedDense, MultiMaskedDense, SelectorLayer
+from mann_edge.layers import MaskedConv2D, MaskedDense, MultiMaskedDense, SelectorLayer
 
 __all__ = ["build", "train_sample", "main", "RSN2"]
 
@@ -112,7 +112,7 @@ def multitask_sparsity(model: keras.Model, tasks) -> dict:
     """Per task, per multitask layer: the fraction of that task's kernel slab that is pruned."""
     result = {task: {} for task in tasks}
     for layer in model.layers:
-        if isinstance(layer, MULTITASK_LAYERS) and getattr(layer, "masked", False):
+        if getattr(layer, "multitask", False) and getattr(layer, "masked", False):
             mask = layer.get_masks()[0]
             for slab, task in enumerate(tasks):
                 result[task][layer.name] = float(1.0 - mask[slab].mean())

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mann_edge.errors import MannEdgeError
+from mann_edge.formats import FORMATS
 from mann_edge.graph.model import CompactModel
 
 __all__ = ["load_source", "SOURCE_SUFFIXES"]
@@ -32,7 +33,7 @@ def load_source(source, task_names: Sequence[str] | None = None, *, strict: bool
     if not path.exists():
         raise MannEdgeError(f"Source {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".mann" or (path.is_dir() and (path / "manifest.json").exists()):
+    if FORMATS["mann"].recognises(path):
         from mann_edge.bundle import load_compact
 
         return _renamed(load_compact(path), task_names)

@@ -1,7 +1,8 @@
 """The thin runtime: load an exported model, pick a task, run only that task.
 
 It imports neither TensorFlow nor Keras: numpy, scipy and the format's own
-runtime (onnxruntime, ai-edge-litert, Core ML on macOS) only.
+runtime (onnxruntime, ai-edge-litert, Core ML on macOS) only. Which formats
+exist and which session opens each is `mann_edge.formats.FORMATS`.
 
 Example:
     >>> from mann_edge import runtime
@@ -14,34 +15,22 @@ Example:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from mann_edge.errors import MannEdgeError
+from mann_edge.formats import FORMATS
+from mann_edge.formats import detect_format as _detect
 from mann_edge.runtime.session import Session
 
 __all__ = ["load", "detect_format", "Session", "FORMATS"]
 
-FORMATS = ("mann", "tflite", "onnx", "coreml")
-
 
 def detect_format(path: "str | os.PathLike") -> str:
-    """Which format ``path`` holds: 'mann', 'tflite', 'onnx' or 'coreml' (by name and contents)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".mann" or (path.is_dir() and (path / "manifest.json").is_file() and (path / "weights.safetensors").exists()):
-        return "mann"
-    if suffix == ".tflite":
-        return "tflite"
-    if suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
-        return "onnx"
-    if suffix == ".mlpackage" or (path.is_dir() and any(path.glob("*.mlpackage"))):
-        return "coreml"
-    raise MannEdgeError(
-        f"Cannot tell the format of {path}: expected a .mann bundle, a .tflite file, an .onnx file or a directory "
-        "of them, or a .mlpackage (or a directory of them)"
-    )
+    """The name of the format ``path`` holds ('mann', 'tflite', 'onnx', 'coreml'), by its name and contents.
+
+    Example:
+        >>> detect_format("out/onnx")
+        'onnx'
+    """
+    return _detect(path).name
 
 
 def load(path: "str | os.PathLike", *, threads: int | None = None) -> Session:
@@ -57,19 +46,4 @@ def load(path: "str | os.PathLike", *, threads: int | None = None) -> Session:
         >>> sess.run("cancer", x)[0].shape
         (1, 2)
     """
-    kind = detect_format(path)
-    if kind == "mann":
-        from mann_edge.runtime.bundle import BundleSession
-
-        return BundleSession(path, threads=threads)
-    if kind == "tflite":
-        from mann_edge.runtime.litert import LiteRTSession
-
-        return LiteRTSession(path, threads=threads)
-    if kind == "onnx":
-        from mann_edge.runtime.onnx import OnnxSession
-
-        return OnnxSession(path, threads=threads)
-    from mann_edge.runtime.coreml import CoreMLSession
-
-    return CoreMLSession(path)
+    return _detect(path).session_class()(path, threads=threads)

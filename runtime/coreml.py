@@ -3,8 +3,10 @@
 An export is either a directory of per-task ``.mlpackage`` (target macOS13/iOS16 and
 later) or one multifunction ``.mlpackage`` with a function per task (macOS15/iOS18 and
 later). Every package says in its user-defined metadata which tasks it holds, under
-which function and feature names, and carries the model's manifest, so the tasks are
-rebuilt from the file alone.
+which function and feature names, and carries the manifest of those tasks (a per-task
+package only its task's, naming the export's tasks in its provenance; a multifunction
+package the whole model's), so the tasks are rebuilt from the packages alone, each
+contributing its own, in the model's order.
 
 Core ML predicts only on macOS. Elsewhere `CoreMLSession` refuses with a MannEdgeError;
 `mann_edge.converters.coreml.validate` checks a package there by evaluating its saved
@@ -35,6 +37,7 @@ from mann_edge.bundle import tasks_from_manifest
 from mann_edge.errors import BundleError, MannEdgeError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASKS
 from mann_edge.graph.model import Task
+from mann_edge.runtime.onnx import export_of, export_task_order
 from mann_edge.runtime.session import Session
 
 __all__ = [
@@ -130,20 +133,16 @@ class PackageTask:
 
 @dataclass(frozen=True)
 class PackageLayout:
-    """A Core ML export read from its metadata: the manifest, the weights' dtype and each task's place."""
+    """A Core ML export read from its metadata: the weights' dtype, each task's place and spec, in the model's order."""
 
     path: Path
-    manifest: dict
     dtype: str
     entries: Mapping[str, PackageTask]
+    specs: tuple[Task, ...]
 
     def tasks(self) -> list[Task]:
-        """The exported tasks (specs rebuilt from the manifest), in the model's task order."""
-        tasks = [task for task in tasks_from_manifest(self.manifest, self.path) if task.name in self.entries]
-        missing = set(self.entries) - {task.name for task in tasks}
-        if missing:
-            raise BundleError(f"Core ML export {self.path}: tasks {sorted(missing)} are not in the embedded manifest")
-        return tasks
+        """The exported tasks (specs rebuilt from the packages' manifests), in the model's task order."""
+        return list(self.specs)
 
 
 def package_paths(path: "str | os.PathLike") -> list[Path]:
@@ -158,10 +157,14 @@ def package_paths(path: "str | os.PathLike") -> list[Path]:
 
 
 def read_layout(path: "str | os.PathLike") -> PackageLayout:
-    """Reads which task is in which package and function from the packages' metadata (needs coremltools).
+    """Reads which task is in which package and function, and each task's spec, from the packages' metadata.
+
+    Needs coremltools. Each package contributes the tasks it holds, with their specs from its
+    own manifest; the manifests' provenance says which export the packages belong to.
 
     Raises:
-        BundleError: a package without mann-edge metadata, or packages from different exports.
+        BundleError: a package without mann-edge metadata, packages from different exports,
+            or a directory of per-task packages missing one.
 
     Example:
         >>> layout = read_layout("out/coreml")
@@ -170,27 +173,40 @@ def read_layout(path: "str | os.PathLike") -> PackageLayout:
     """
     path = Path(path)
     ct = import_coremltools()
-    manifest_text, dtype, entries = None, None, {}
+    dtype, entries, specs, exports = None, {}, {}, {}
     for package in package_paths(path):
-        try:
-            model = ct.models.MLModel(str(package), skip_model_load=True)
-        except Exception as error:  # coremltools raises protobuf, OS and its own errors alike
-            raise BundleError(f"Core ML package {package} cannot be read ({error}); truncated or corrupt?") from None
-        if model.get_spec().WhichOneof("Type") is None:  # an empty protobuf parses as an empty model
-            raise BundleError(f"Core ML package {package} holds no model; its model.mlmodel is empty or truncated")
-        metadata = model.user_defined_metadata
-        for key in (METADATA_MANIFEST, METADATA_TASKS, METADATA_DTYPE):
-            if key not in metadata:
-                raise BundleError(f"Core ML package {package} has no '{key}' metadata; it was not written by mann-edge")
-        if manifest_text is not None and metadata[METADATA_MANIFEST] != manifest_text:
-            raise BundleError(f"Core ML package {package} comes from a different model than the others in {path}")
-        manifest_text, dtype = metadata[METADATA_MANIFEST], metadata[METADATA_DTYPE]
+        metadata = _metadata(ct, package)
+        manifest = _json(metadata[METADATA_MANIFEST], package, METADATA_MANIFEST)
+        tasks = {task.name: task for task in tasks_from_manifest(manifest, package)}
+        dtype = metadata[METADATA_DTYPE]
         for entry in _json(metadata[METADATA_TASKS], package, METADATA_TASKS):
             task = _package_task(entry, package)
             if task.task in entries:
                 raise BundleError(f"Core ML export {path} holds task {task.task!r} twice")
-            entries[task.task] = task
-    return PackageLayout(path, _json(manifest_text, path, METADATA_MANIFEST), dtype, entries)
+            if task.task not in tasks:
+                raise BundleError(f"Core ML package {package} holds task {task.task!r}, which its manifest does not "
+                                  f"have (tasks: {list(tasks)})")
+            entries[task.task], specs[task.task] = task, tasks[task.task]
+        exports[package] = export_of(manifest, metadata[METADATA_MANIFEST], package, BundleError)
+    # A directory must hold every task of its export; a package opened alone holds what it holds.
+    order = export_task_order(path, {name: entry.package for name, entry in entries.items()}, exports,
+                              parts="the packages", whole=path.suffix != PACKAGE_SUFFIX, error=BundleError)
+    return PackageLayout(path, dtype, {name: entries[name] for name in order}, tuple(specs[name] for name in order))
+
+
+def _metadata(ct, package: Path) -> Mapping[str, str]:
+    """The user-defined metadata of a package mann-edge wrote, or a BundleError naming the package."""
+    try:
+        model = ct.models.MLModel(str(package), skip_model_load=True)
+    except Exception as error:  # coremltools raises protobuf, OS and its own errors alike
+        raise BundleError(f"Core ML package {package} cannot be read ({error}); truncated or corrupt?") from None
+    if model.get_spec().WhichOneof("Type") is None:  # an empty protobuf parses as an empty model
+        raise BundleError(f"Core ML package {package} holds no model; its model.mlmodel is empty or truncated")
+    metadata = model.user_defined_metadata
+    for key in (METADATA_MANIFEST, METADATA_TASKS, METADATA_DTYPE):
+        if key not in metadata:
+            raise BundleError(f"Core ML package {package} has no '{key}' metadata; it was not written by mann-edge")
+    return metadata
 
 
 def _json(text: str, package: Path, key: str):
@@ -233,7 +249,8 @@ class CoreMLSession(Session):
 
     backend = "coreml"
 
-    def __init__(self, path: "str | os.PathLike", *, compute_units: str = "ALL"):
+    def __init__(self, path: "str | os.PathLike", threads: int | None = None, *, compute_units: str = "ALL"):
+        # ``threads``: Core ML schedules its own work; accepted so every backend opens the same way.
         if sys.platform != "darwin":
             raise MannEdgeError(
                 f"Core ML runs only on macOS; this is {sys.platform}, so {path} cannot be run here. "

@@ -25,6 +25,9 @@ size (`Windows`), instead of the reference ops' padded strided views.
 ``MANN_EDGE_KERNELS`` = ``auto`` (default: numba if importable), ``numba`` (required) or
 ``numpy`` (the scipy fallback), read when a task's ops are bound.
 
+Each kernel registers in `KERNELS` under the op type it replaces, with a decorator
+beside its class; `runtime_ops` lays them over the reference ops.
+
 Example:
     >>> kernel_backend()
     'numba'
@@ -41,10 +44,13 @@ import numpy as np
 from mann_edge.errors import MannEdgeError
 from mann_edge.graph import ops
 from mann_edge.graph.activations import apply_activation, normalize_activation
+from mann_edge.graph.windows import span, window_pads
+from mann_edge.registry import Registry
 from mann_edge.sparse import CSRWeight, to_dense
 
 __all__ = [
     "RUNTIME_OPS",
+    "KERNELS",
     "CSRDense",
     "CSRConv2D",
     "GatherMaxPool2D",
@@ -62,6 +68,9 @@ __all__ = [
 KERNELS_ENV = "MANN_EDGE_KERNELS"
 BACKENDS = ("auto", "numba", "numpy")
 _PLAIN_RELU = normalize_activation("relu")
+
+# The fast kernels by the op type they replace; every other op runs its reference class.
+KERNELS = Registry("op", owner="The bundle runtime's kernels", verb="replace", error=ValueError)
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,6 +166,8 @@ def _check_threads(threads) -> int | None:
 class _ProductOp:
     """What CSRDense and CSRConv2D share: a product with the bias and (if plain) the ReLU fused in."""
 
+    threaded = True  # takes ``threads``: `runtime_ops` binds it
+
     def __init__(self, node, weights, threads: int | None = None):
         self.threads = _check_threads(threads)
         super().__init__(node, weights)
@@ -174,6 +185,7 @@ class _ProductOp:
         return y if self.activation is None else apply_activation(y, self.activation)
 
 
+@KERNELS.register("dense")
 class CSRDense(_ProductOp, ops.Dense):
     """`dense` with the kernel kept as CSR."""
 
@@ -211,12 +223,12 @@ class Windows:
 
     def _build(self, height: int, width: int, channels: int):
         axes = []
-        for size, kernel, stride, dilation in zip((height, width), self.kernel, self.strides, self.dilation):
-            before, after = ops.same_padding(size, kernel, stride, dilation) if self.padding == "same" else (0, 0)
-            span = (kernel - 1) * dilation + 1
-            if size + before + after < span:
-                raise ValueError(f"window {span} larger than the padded input {size + before + after}")
-            out = (size + before + after - span) // stride + 1
+        pads = window_pads(self.padding, (height, width), self.kernel, self.strides, self.dilation)
+        for size, kernel, stride, dilation, (before, after) in zip((height, width), self.kernel, self.strides,
+                                                                   self.dilation, pads):
+            if size + before + after < span(kernel, dilation):
+                raise ValueError(f"window {span(kernel, dilation)} larger than the padded input {size + before + after}")
+            out = (size + before + after - span(kernel, dilation)) // stride + 1
             cells = np.arange(out)[:, None] * stride - before + np.arange(kernel)[None, :] * dilation  # (out, kernel)
             axes.append((out, cells, (cells >= 0) & (cells < size)))
         (ho, rows, rows_ok), (wo, cols, cols_ok) = axes
@@ -238,6 +250,7 @@ class Windows:
         return flat[:, index], size, counts
 
 
+@KERNELS.register("conv2d")
 class CSRConv2D(_ProductOp, ops.Conv2D):
     """`conv2d` as gathered windows (`Windows`) times the CSR kernel."""
 
@@ -256,6 +269,7 @@ class CSRConv2D(_ProductOp, ops.Conv2D):
         return self._finish(self.product(patches.reshape(n * ho * wo, kh * kw * cin)).reshape(n, ho, wo, cout))
 
 
+@KERNELS.register("max_pool2d")
 class GatherMaxPool2D(ops.MaxPool2D):
     """`max_pool2d` over gathered windows; padding cells hold -inf, as in the reference."""
 
@@ -267,6 +281,7 @@ class GatherMaxPool2D(ops.MaxPool2D):
         return patches.max(axis=2).reshape(x.shape[0], ho, wo, x.shape[-1])
 
 
+@KERNELS.register("avg_pool2d")
 class GatherAvgPool2D(ops.AvgPool2D):
     """`avg_pool2d` over gathered windows; the mean counts only cells inside the input, as in the reference."""
 
@@ -279,24 +294,27 @@ class GatherAvgPool2D(ops.AvgPool2D):
         return means.astype(x.dtype, copy=False).reshape(x.shape[0], ho, wo, x.shape[-1])
 
 
-def runtime_ops(threads: int | None = None) -> dict:
-    """The op registry of the bundle backend: the reference ops, with CSR kernels for dense and conv2d.
+def runtime_ops(threads: int | None = None) -> Registry:
+    """The op registry of the bundle backend: the reference ops, with `KERNELS` in place of theirs.
 
     Args:
         threads: threads the CSR kernels may use (1: serial; None: all numba's threads).
             The scipy fallback is single-threaded whatever this says.
 
+    Raises:
+        ValueError: ``threads`` is not a positive int or None.
+
     Example:
         >>> Executor(model, "digits", runtime_ops(threads=1)).run({"x": x})
     """
     _check_threads(threads)
-    return {
-        **ops.OPS,
-        "dense": functools.partial(CSRDense, threads=threads),
-        "conv2d": functools.partial(CSRConv2D, threads=threads),
-        "max_pool2d": GatherMaxPool2D,
-        "avg_pool2d": GatherAvgPool2D,
-    }
+    table = Registry("op", owner="The bundle runtime", verb="run", error=ValueError)
+    for op_type, reference in ops.OPS.items():
+        kernel = KERNELS.get(op_type, reference)
+        if getattr(kernel, "threaded", False):
+            kernel = functools.partial(kernel, threads=threads)
+        table.register(op_type)(kernel)
+    return table
 
 
 RUNTIME_OPS = runtime_ops()

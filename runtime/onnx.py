@@ -5,8 +5,10 @@ task names). onnxruntime runs every node of a graph whatever output is asked for
 task is its own graph, and a task's session is created the first time it runs: opening
 an export touches no weights.
 
-Each file carries in its ``metadata_props`` the model's manifest (``mann_edge_manifest``),
-the true name of its task (``mann_edge_task``) and the weights' dtype (``mann_edge_dtype``).
+Each file carries in its ``metadata_props`` the manifest of its task (``mann_edge_manifest``:
+that task's inputs, nodes and weights, its provenance naming every task of the export), the
+true name of its task (``mann_edge_task``) and the weights' dtype (``mann_edge_dtype``); the
+session's tasks are rebuilt from the files, each contributing its own, in the model's order.
 These are read with a few lines of protobuf wire-format walking (`read_metadata`): the
 runtime imports neither the ``onnx`` package nor TensorFlow, and reading the metadata
 skips over the graph without parsing it. A single ``.onnx`` file also opens: its one task.
@@ -24,6 +26,7 @@ import json
 import mmap
 import os
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -38,9 +41,14 @@ __all__ = [
     "SUFFIX",
     "read_metadata",
     "read_manifest",
+    "export_of",
+    "export_task_order",
+    "SELECTED_FROM",
 ]
 
 SUFFIX = ".onnx"
+# The provenance entry of a per-task file's manifest naming the export it belongs to (see `export_of`).
+SELECTED_FROM = "selected_from"
 
 # ModelProto's fields (onnx/onnx.proto): number -> protobuf wire type (0 varint, 2 length-delimited).
 _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
@@ -159,41 +167,93 @@ def read_manifest(path: "str | os.PathLike") -> tuple[dict, dict[str, str]]:
 
 
 def _task_files(path: Path) -> tuple[list[Task], dict[str, Path], dict[str, str]]:
-    """The tasks of the export at ``path``, the file of each, and the dtype of each."""
+    """The tasks of the export at ``path`` (in the model's order), the file of each, and the dtype of each."""
     files = sorted(path.glob(f"*{SUFFIX}")) if path.is_dir() else [path]
     if not files:
         raise MannEdgeError(f"{path} holds no {SUFFIX} files, so no ONNX export")
     by_task: dict[str, Path] = {}
+    specs: dict[str, Task] = {}
     dtypes: dict[str, str] = {}
-    manifest_tasks: list[Task] | None = None
-    first: tuple[Path, str] | None = None
+    exports: dict[Path, tuple] = {}
     for file in files:
         manifest, metadata = read_manifest(file)
-        first = first or (file, metadata[METADATA_MANIFEST])
-        if metadata[METADATA_MANIFEST] != first[1]:
-            raise MannEdgeError(f"{path}: {file.name} and {first[0].name} come from different models (their manifests differ)")
         try:
-            tasks = tasks_from_manifest(manifest, file)
+            tasks = {task.name: task for task in tasks_from_manifest(manifest, file)}
         except BundleError as error:
             raise MannEdgeError(str(error)) from None
         name = metadata[METADATA_TASK]
-        if name not in [task.name for task in tasks]:
+        if name not in tasks:
             raise MannEdgeError(f"{file} says it holds task {name!r}, which its manifest does not have "
-                                f"(tasks: {[task.name for task in tasks]})")
+                                f"(tasks: {list(tasks)})")
         if name in by_task:
             raise MannEdgeError(f"Task {name!r} is in two files of {path}: {by_task[name].name} and {file.name}")
-        by_task[name] = file
+        by_task[name], specs[name] = file, tasks[name]
         dtypes[name] = metadata.get(METADATA_DTYPE, "float32")
-        manifest_tasks = manifest_tasks or tasks
-    if not path.is_dir():
-        return [task for task in manifest_tasks if task.name in by_task], by_task, dtypes
-    missing = [task.name for task in manifest_tasks if task.name not in by_task]
-    if missing:
-        raise MannEdgeError(f"{path} lacks the {SUFFIX} files of tasks {missing} (found {[f.name for f in files]})")
-    unknown = [name for name in by_task if name not in [task.name for task in manifest_tasks]]
+        exports[file] = export_of(manifest, metadata[METADATA_MANIFEST], file)
+    order = export_task_order(path, by_task, exports, parts=f"the {SUFFIX} files", whole=path.is_dir())
+    return [specs[name] for name in order], by_task, dtypes
+
+
+# -- per-task files: which export a file belongs to ----------------------------------------------
+# Shared with `mann_edge.runtime.coreml`, whose per-task packages embed their manifests the same way
+# (written by `mann_edge.converters.metadata`).
+
+
+def export_of(manifest: dict, text: str, source: "str | os.PathLike", error: type[MannEdgeError] = MannEdgeError
+              ) -> tuple[tuple[str, ...], str]:
+    """(the task names of the export a file belongs to, in the model's order; what identifies the export's model).
+
+    A per-task file embeds the manifest of its own task, whose provenance records the export
+    (`SELECTED_FROM`: every task name and the sha256 of the whole model's manifest). A
+    manifest without that record describes the whole model (a multifunction Core ML
+    package, or an export written before per-task manifests): its own tasks and text say it.
+
+    Raises:
+        ``error``: a record that is not a list of task names and a digest.
+
+    Example:
+        >>> export_of(task_manifest, text, "out/onnx/digits.onnx")
+        (('digits', 'cancer'), '9f2c...')
+    """
+    provenance = manifest.get("provenance")
+    record = provenance.get(SELECTED_FROM) if isinstance(provenance, dict) else None
+    if record is None:
+        tasks = manifest.get("tasks") if isinstance(manifest.get("tasks"), list) else []
+        return tuple(task.get("name") for task in tasks if isinstance(task, dict)), text
+    names = record.get("tasks") if isinstance(record, dict) else None
+    digest = record.get("manifest_sha256") if isinstance(record, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(digest, str):
+        raise error(f"{source}: the manifest's provenance entry '{SELECTED_FROM}' must hold 'tasks' (a list of "
+                    f"task names) and 'manifest_sha256' (a string). Received: {record!r}")
+    return tuple(names), digest
+
+
+def export_task_order(path: Path, held: Mapping[str, Path], exports: Mapping[Path, tuple], *, parts: str, whole: bool,
+                      error: type[MannEdgeError] = MannEdgeError) -> list[str]:
+    """The tasks held in the files of ``path``, in the model's order, once the files are checked to be one export.
+
+    Args:
+        path: the export (for messages).
+        held: task -> the file holding it.
+        exports: file -> `export_of` its manifest.
+        parts: what the files are, for messages ("the .onnx files").
+        whole: ``path`` is a directory that must hold every task of its export.
+
+    Raises:
+        ``error``: files of different exports, a task its export does not list, or (``whole``) a task without its file.
+    """
+    (first, export), *others = exports.items()
+    for file, other in others:
+        if other != export:
+            raise error(f"{path}: {file.name} and {first.name} come from different models (their manifests differ)")
+    order = list(export[0])
+    unknown = [name for name in held if name not in order]
     if unknown:
-        raise MannEdgeError(f"{path}: files {[by_task[n].name for n in unknown]} hold tasks {unknown} of another model")
-    return manifest_tasks, by_task, dtypes
+        raise error(f"{path}: files {[held[name].name for name in unknown]} hold tasks {unknown} of another model")
+    missing = [name for name in order if name not in held]
+    if whole and missing:
+        raise error(f"{path} lacks {parts} of tasks {missing} (found {sorted(file.name for file in exports)})")
+    return [name for name in order if name in held]
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:

@@ -7,8 +7,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import warnings
-
 import pytest
 
 import zoo
@@ -66,13 +64,10 @@ def legacy_models():
 
 @pytest.fixture(scope="session")
 def legacy_compacts(legacy_models):
-    """name -> CompactModel with tasks named task0, task1 (the fixtures' masks overlap: the original's bug)."""
+    """name -> CompactModel with tasks named task0, task1."""
     import mann_edge
-    from mann_edge.compaction import MaskOverlapWarning
 
     result = {}
     for name, (model, _) in legacy_models.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MaskOverlapWarning)
-            result[name] = mann_edge.compact(model, task_names=["task0", "task1"])
+        result[name] = mann_edge.compact(model, task_names=["task0", "task1"])
     return result

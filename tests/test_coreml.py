@@ -8,6 +8,7 @@ read back from the package on disk, so what is checked is what was written.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -19,12 +20,14 @@ import pytest
 import mann_edge
 import zoo
 from mann_edge.bundle import manifest_of
-from mann_edge.converters import coreml
+from mann_edge.converters import coreml, coreml_lowering, mil_eval
+from mann_edge.converters.metadata import manifest_text, task_manifest_text
 from mann_edge.converters.mil_eval import KERNELS, MILEvaluator
-from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError, ValidationError
+from mann_edge.errors import BundleError, ConversionError, MannEdgeError, OutputExistsError, ValidationError
 from mann_edge.graph.activations import ACTIVATIONS
 from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
 from mann_edge.graph.ops import OPS
+from mann_edge.registry import Registry
 from mann_edge.runtime.coreml import METADATA_MANIFEST, METADATA_TASKS, import_coremltools, read_layout
 
 ON_MACOS = sys.platform == "darwin"
@@ -58,9 +61,16 @@ def legacy_exports(legacy_compacts, out):
 
 
 @pytest.fixture(scope="module")
-def zoo_exports(mixed_compact, multiconv_compact, activations_compact, out):
-    compacts = {"mixed": mixed_compact, "multiconv": multiconv_compact, "activations": activations_compact}
+def zoo_exports(mixed_compact, multiconv_compact, out):
+    compacts = {"mixed": mixed_compact, "multiconv": multiconv_compact}
     return {name: coreml.export(cm, out / name) for name, cm in compacts.items()}
+
+
+@pytest.fixture(scope="module")
+def activation_export(out):
+    """The 18-task model of every parametrized activation, exported: (model, path)."""
+    cm = zoo.parametrized_activations()
+    return cm, coreml.export(cm, out / "activation_parameters")
 
 
 @pytest.fixture(scope="module")
@@ -82,40 +92,10 @@ def pruned(out, pruned_compact):
 # -- parity --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", zoo.LEGACY_NAMES)
-def test_legacy_fixture_reproduces_the_recorded_outputs_and_accuracies(name, legacy_exports, legacy_compacts):
-    run = coreml.runner(legacy_exports[name])
-    zoo.check_legacy_fixture(run, legacy_compacts[name], name)
-
-
-@pytest.mark.parametrize("zoo_name", ["mixed", "multiconv", "activations"])
-@pytest.mark.parametrize("batch", [1, 32])
-def test_every_task_matches_keras(zoo_name, batch, zoo_exports, request):
-    keras_model = request.getfixturevalue(f"{zoo_name}_model")
-    compact = request.getfixturevalue(f"{zoo_name}_compact")
-    run = coreml.runner(zoo_exports[zoo_name])
-    zoo.check_matches_keras(run, keras_model, compact, batch)
-
-
-def test_tensorflow_same_padding_strides_and_dilation_match_keras(out):
-    model = zoo.build_padding()
-    cm = mann_edge.compact(model)
-    run = coreml.runner(coreml.export(cm, out / "padding"))
-    batch = np.random.default_rng(0).normal(size=(5, 8, 8, 2)).astype("float32")
-    (got,) = run(cm.task_names[0], {"image": batch})
-    np.testing.assert_allclose(got, zoo.keras_outputs(model, batch)[0], atol=1e-5, rtol=0)
-
-
 def test_validate_reports_float32_parity(zoo_exports, mixed_compact):
     report = coreml.validate(mixed_compact, zoo_exports["mixed"]).raise_for_errors()
     assert report.max_abs_error <= 1e-5
     assert {check.task for check in report.checks} == set(mixed_compact.task_names)
-
-
-def test_activation_parameters_follow_the_reference(out):
-    cm = zoo.parametrized_activations()
-    path = coreml.export(cm, out / "activation_parameters")
-    coreml.validate(cm, path).raise_for_errors()
 
 
 def test_float16_export_stays_within_1e_2_and_stores_float16_weights(mixed_compact, out):
@@ -169,13 +149,41 @@ def test_per_task_packages_carry_the_manifest_and_their_task(zoo_exports, mixed_
     packages = sorted(p.name for p in Path(path).glob("*.mlpackage"))
     assert packages == sorted(f"{name}.mlpackage" for name in mixed_compact.task_names)
     ct = import_coremltools()
+    whole = manifest_text(mixed_compact)
     for name in mixed_compact.task_names:
         metadata = ct.models.MLModel(str(Path(path) / f"{name}.mlpackage"), skip_model_load=True).user_defined_metadata
-        assert json.loads(metadata[METADATA_MANIFEST]) == json.loads(json.dumps(manifest_of(mixed_compact)))
+        assert json.loads(metadata[METADATA_MANIFEST]) == json.loads(task_manifest_text(mixed_compact, name, whole=whole))
         assert [entry["task"] for entry in json.loads(metadata[METADATA_TASKS])] == [name]
     layout = read_layout(path)
     assert [t.name for t in layout.tasks()] == mixed_compact.task_names
     assert [t.inputs for t in layout.tasks()] == [t.inputs for t in mixed_compact.tasks]
+
+
+def test_each_package_embeds_the_manifest_of_its_own_task_only(activation_export):
+    cm, path = activation_export
+    whole = json.dumps(manifest_of(cm))
+    ct = import_coremltools()
+    for package in sorted(Path(path).glob("*.mlpackage")):
+        metadata = ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata
+        manifest = json.loads(metadata[METADATA_MANIFEST])
+        (entry,) = json.loads(metadata[METADATA_TASKS])
+        assert [task["name"] for task in manifest["tasks"]] == [entry["task"]]
+        assert set(manifest["weights"]) == set(cm.task_weight_keys(entry["task"]))
+        assert len(metadata[METADATA_MANIFEST]) < len(whole) / 4, package.name  # 18 tasks: about 1/6 of the whole
+    assert [task.name for task in read_layout(path).tasks()] == cm.task_names  # rebuilt in the model's order
+
+
+def test_a_directory_missing_a_package_or_mixing_two_exports_is_refused(zoo_exports, out):
+    partial = out / "partial"
+    shutil.copytree(zoo_exports["multiconv"], partial)
+    shutil.rmtree(partial / "parity.mlpackage")
+    with pytest.raises(BundleError, match=r"partial lacks the packages of tasks \['parity'\]"):
+        read_layout(partial)
+    mixed = out / "two_models"
+    shutil.copytree(zoo_exports["multiconv"], mixed)
+    shutil.copytree(zoo_exports["mixed"] / "text.mlpackage", mixed / "text.mlpackage")
+    with pytest.raises(BundleError, match=r"two_models: .*\.mlpackage and .*\.mlpackage come from different models"):
+        read_layout(mixed)
 
 
 def test_task_names_are_sanitized_for_files_and_kept_in_metadata(out):
@@ -195,7 +203,8 @@ def test_multifunction_target_writes_one_package_with_a_function_per_task(mixed_
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     assert [f.name for f in spec.description.functions] == mixed_compact.task_names
     assert spec.description.defaultFunctionName == mixed_compact.task_names[0]
-    assert json.loads(spec.description.metadata.userDefined[METADATA_MANIFEST])["tasks"][0]["name"] == "vision"
+    # one package for every task: it keeps the whole model's manifest
+    assert json.loads(spec.description.metadata.userDefined[METADATA_MANIFEST]) == json.loads(manifest_text(mixed_compact))
     programs = _programs(path)
     assert {package for package, _, _ in programs} == {path}
     sparse_ops = [op for _, _, f in programs for op in f.operations if op.op_type == "constexpr_sparse_to_dense"]
@@ -279,11 +288,6 @@ def test_unsupported_op_is_named_with_the_supported_ones(out):
     assert not (out / "unsupported").exists()
 
 
-def test_every_compact_op_and_activation_has_a_lowering():
-    assert set(OPS) <= set(coreml.LOWERINGS)
-    assert set(ACTIVATIONS) <= set(coreml.ACTIVATION_LOWERINGS)
-
-
 def test_bad_options_are_refused(multiconv_compact, out):
     with pytest.raises(ConversionError, match="macOS13/iOS16 or later"):
         coreml.export(multiconv_compact, out / "old", target="macOS12")
@@ -293,8 +297,30 @@ def test_bad_options_are_refused(multiconv_compact, out):
         coreml.export(multiconv_compact, out / "multi", target="iOS18")
 
 
+def test_check_options_refuses_what_export_would_and_writes_nothing(out):
+    before = sorted(out.iterdir())
+    coreml.check_options(dtype="float16", sparse=False, target="iOS18", max_batch=8)
+    for options, message in (
+        ({"dtype": "int8"}, r"Core ML export takes dtype 'float32' or 'float16'. Received: 'int8'"),
+        ({"target": "macOS12"}, r"target with sparse weights \(macOS13/iOS16 or later\): \[.*'macOS13'.*\]. "
+                                r"Received: 'macOS12'"),
+        ({"max_batch": 0}, r"max_batch must be a positive int. Received: 0"),
+        ({"compute_units": "ALL"}, r"takes options \['sparse', 'target', 'max_batch'\]. "
+                                   r"Received unknown options: \['compute_units'\]"),
+        ({"sparse": "yes"}, r"`sparse` must be True or False. Received: sparse='yes'"),
+    ):
+        with pytest.raises(ConversionError, match=message):
+            coreml.check_options(**options)
+    assert sorted(out.iterdir()) == before
+
+
 def test_evaluator_names_a_mil_op_it_cannot_evaluate(legacy_exports, monkeypatch):
-    monkeypatch.delitem(KERNELS, "softmax")
+    without_softmax = Registry(KERNELS.what, owner=KERNELS.owner, verb=KERNELS.verb, error=KERNELS.error)
+    for op_type, kernel in KERNELS.items():
+        if op_type != "softmax":
+            without_softmax.register(op_type)(kernel)
+    monkeypatch.setattr(mil_eval, "KERNELS", without_softmax)
     package = next(Path(legacy_exports["mann_mlp"]).glob("*.mlpackage"))
-    with pytest.raises(ValidationError, match=r"MIL op type 'softmax'"):
+    with pytest.raises(ValidationError, match=r"cannot evaluate MIL op type 'softmax' \(op .*\). "
+                                              r"Supported MIL op types: \[.*'add'"):
         MILEvaluator(package)

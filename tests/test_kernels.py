@@ -373,6 +373,24 @@ def test_without_numba_auto_falls_back_and_numba_is_an_error():
     assert out.startswith("MannEdgeError MANN_EDGE_KERNELS=numba, but the compiled kernels do not import")
 
 
+def test_every_kernel_replaces_a_reference_op_of_the_same_type():
+    assert set(kernels.KERNELS) <= set(ops.OPS)
+    for op_type, kernel in kernels.KERNELS.items():
+        assert issubclass(kernel, ops.OPS[op_type]) and kernel.type == op_type
+    table = kernels.runtime_ops(1)
+    assert set(table) == set(ops.OPS)
+    assert all(table[op_type] is ops.OPS[op_type] for op_type in set(ops.OPS) - set(kernels.KERNELS))
+
+
+@pytest.mark.parametrize("registry, owner", [(None, "The reference executor"), ("runtime", "The bundle runtime")])
+def test_an_unknown_op_is_named_with_the_supported_ones(registry, owner):
+    node = Node("mystery", "fft", ("x",))
+    table = kernels.runtime_ops(1) if registry == "runtime" else None
+    expected = rf"{owner} cannot run op 'fft' \(node 'mystery'\)\. Supported ops: \[.*'conv2d'"
+    with pytest.raises(ValueError, match=expected):
+        ops.bind(node, {}, table)
+
+
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True])
 def test_bad_thread_counts_are_refused(threads):
     with pytest.raises(ValueError, match=r"`threads` must be a positive int or None"):

@@ -23,14 +23,26 @@ CASES = {
     "FilterLayer": (lambda: L.FilterLayer(is_on=False), [(4,)], [(4,)]),
     "SumLayer": (lambda: L.SumLayer(), [(4,), (4,), (4,)], [(4,)]),
 }
-LIST_INPUT = {"MultiMaskedDense", "MultiDense", "MultiMaskedConv2D", "MultiConv2D", "MultiMaxPool2D", "SelectorLayer", "SumLayer"}
+# What each class says about itself (`LayerFacts`): masked, multitask, list_input, block_prunable.
+FACTS = {
+    "MaskedDense": (True, False, False, True),
+    "MaskedConv2D": (True, False, False, False),
+    "MultiMaskedDense": (True, True, True, True),
+    "MultiDense": (False, True, True, True),
+    "MultiMaskedConv2D": (True, True, True, False),
+    "MultiConv2D": (False, True, True, False),
+    "MultiMaxPool2D": (False, True, True, False),
+    "SelectorLayer": (False, False, True, False),
+    "FilterLayer": (False, False, False, False),
+    "SumLayer": (False, False, True, False),
+}
 
 
 def _model(name):
     factory, in_shapes, _ = CASES[name]
     inputs = [keras.Input(shape) for shape in in_shapes]
     layer = factory()
-    outputs = layer(inputs if name in LIST_INPUT else inputs[0])
+    outputs = layer(inputs if layer.list_input else inputs[0])
     return keras.Model(inputs, outputs), layer
 
 
@@ -40,7 +52,16 @@ def _data(name, n=6, seed=0):
 
 
 def test_every_public_layer_has_a_case():
-    assert set(L.__all__) == set(CASES)
+    assert set(L.__all__) == set(CASES) == set(FACTS)
+
+
+@pytest.mark.parametrize("name", sorted(FACTS))
+def test_each_class_states_its_facts(name):
+    cls = getattr(L, name)
+    assert (cls.masked, cls.multitask, cls.list_input, cls.block_prunable) == FACTS[name]
+    # a multitask layer returns one output per input
+    _, in_shapes, out_shapes = CASES[name]
+    assert not cls.multitask or len(in_shapes) == len(out_shapes)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -24,6 +24,9 @@ import mann_edge
 import zoo
 from mann_edge.bundle import manifest_of
 from mann_edge.converters import onnx as onnx_export
+from mann_edge.converters import onnx_lowering
+from mann_edge.converters.lowering import encode_bitmask
+from mann_edge.converters.metadata import manifest_text, task_manifest_text
 from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError
 from mann_edge.graph.activations import ACTIVATIONS
 from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
@@ -61,13 +64,8 @@ def out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def legacy_exports(legacy_compacts, out):
-    return {name: onnx_export.export(cm, out / f"legacy_{name}") for name, cm in legacy_compacts.items()}
-
-
-@pytest.fixture(scope="module")
-def zoo_exports(mixed_compact, multiconv_compact, activations_compact, out):
-    compacts = {"mixed": mixed_compact, "multiconv": multiconv_compact, "activations": activations_compact}
+def zoo_exports(mixed_compact, multiconv_compact, out):
+    compacts = {"mixed": mixed_compact, "multiconv": multiconv_compact}
     exports, seconds = {}, {}
     for name, cm in compacts.items():
         start = time.perf_counter()
@@ -75,6 +73,13 @@ def zoo_exports(mixed_compact, multiconv_compact, activations_compact, out):
         seconds[name] = round(time.perf_counter() - start, 3)
     print(f"\nONNX export seconds: {seconds}")
     return exports
+
+
+@pytest.fixture(scope="module")
+def activation_export(out):
+    """The 18-task model of every parametrized activation, exported: (model, path)."""
+    cm = zoo.parametrized_activations()
+    return cm, onnx_export.export(cm, out / "activation_parameters")
 
 
 @pytest.fixture(scope="module")
@@ -95,37 +100,6 @@ def pruned(out, pruned_compact):
 
 
 # -- parity --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", zoo.LEGACY_NAMES)
-def test_legacy_fixture_reproduces_the_recorded_outputs_and_accuracies(name, legacy_exports, legacy_compacts):
-    session = mann_edge.runtime.load(legacy_exports[name])
-    assert isinstance(session, OnnxSession)
-    zoo.check_legacy_fixture(session.run, legacy_compacts[name], name)
-
-
-@pytest.mark.parametrize("zoo_name", ["mixed", "multiconv", "activations"])
-@pytest.mark.parametrize("batch", [1, 32])
-def test_every_task_matches_keras(zoo_name, batch, zoo_exports, request):
-    keras_model = request.getfixturevalue(f"{zoo_name}_model")
-    compact = request.getfixturevalue(f"{zoo_name}_compact")
-    session = mann_edge.runtime.load(zoo_exports[zoo_name], threads=1)
-    zoo.check_matches_keras(session.run, keras_model, compact, batch)
-
-
-def test_tensorflow_same_padding_strides_and_dilation_match_keras(out):
-    model = zoo.build_padding()
-    cm = mann_edge.compact(model)
-    session = mann_edge.runtime.load(onnx_export.export(cm, out / "padding"))
-    batch = np.random.default_rng(0).normal(size=(5, 8, 8, 2)).astype("float32")
-    (got,) = session.run(cm.task_names[0], {"image": batch})
-    np.testing.assert_allclose(got, zoo.keras_outputs(model, batch)[0], atol=1e-5, rtol=0)
-
-
-def test_activation_parameters_and_axes_follow_the_reference(out):
-    cm = zoo.parametrized_activations()
-    report = onnx_export.validate(cm, onnx_export.export(cm, out / "activation_parameters")).raise_for_errors()
-    assert {check.task for check in report.checks} == set(cm.task_names)
 
 
 def test_dense_over_the_last_axis_of_a_sequence_and_an_all_zero_kernel(out):
@@ -168,7 +142,7 @@ def test_one_checked_file_per_task_with_the_task_inputs_and_outputs(zoo_exports,
     for task in mixed_compact.tasks:
         proto = onnx.load(str(files[task.name]))
         onnx.checker.check_model(proto, full_check=True)
-        assert proto.opset_import[0].version == onnx_export.OPSET
+        assert proto.opset_import[0].version == onnx_lowering.OPSET
         assert [i.name for i in proto.graph.input] == [spec.name for spec in task.inputs]
         assert [o.name for o in proto.graph.output] == [spec.name for spec in task.outputs]
         for value in [*proto.graph.input, *proto.graph.output]:
@@ -179,15 +153,29 @@ def test_one_checked_file_per_task_with_the_task_inputs_and_outputs(zoo_exports,
 
 
 def test_manifest_task_and_dtype_are_in_the_metadata_and_the_runtime_rebuilds_the_tasks(zoo_exports, mixed_compact):
+    whole = manifest_text(mixed_compact)
     for file in _files(zoo_exports["mixed"]):
         props = {entry.key: entry.value for entry in onnx.load(str(file)).metadata_props}
         assert props == read_metadata(file)  # the runtime's own reader agrees with onnx
-        assert json.loads(props[METADATA_MANIFEST]) == json.loads(json.dumps(manifest_of(mixed_compact)))
-        assert props[METADATA_DTYPE] == "float32"
         assert props[METADATA_TASK] in mixed_compact.task_names
+        assert json.loads(props[METADATA_MANIFEST]) == json.loads(task_manifest_text(mixed_compact, props[METADATA_TASK],
+                                                                                     whole=whole))
+        assert props[METADATA_DTYPE] == "float32"
     session = mann_edge.runtime.load(zoo_exports["mixed"])
     assert session.tasks == list(mixed_compact.tasks)
     assert mann_edge.runtime.detect_format(zoo_exports["mixed"]) == "onnx"
+
+
+def test_each_file_embeds_the_manifest_of_its_own_task_only(activation_export):
+    cm, path = activation_export
+    whole = json.dumps(manifest_of(cm))
+    for file in _files(path):
+        metadata = read_metadata(file)
+        manifest = json.loads(metadata[METADATA_MANIFEST])
+        assert [task["name"] for task in manifest["tasks"]] == [metadata[METADATA_TASK]]
+        assert set(manifest["weights"]) == set(cm.task_weight_keys(metadata[METADATA_TASK]))
+        assert len(metadata[METADATA_MANIFEST]) < len(whole) / 4, file.name  # 18 tasks: about 1/6 of the whole
+    assert mann_edge.runtime.load(path).task_names == cm.task_names  # rebuilt from the files, in the model's order
 
 
 def test_task_names_are_sanitized_into_file_names_and_kept_in_the_metadata(out):
@@ -406,22 +394,33 @@ def test_a_lowering_that_fails_is_named_with_its_task_and_node(out):
     assert not (out / "dynamic_conv").exists()
 
 
-def test_every_compact_op_and_activation_has_a_lowering():
-    assert set(OPS) <= set(onnx_export.LOWERINGS)
-    assert set(ACTIVATIONS) <= set(onnx_export.ACTIVATION_LOWERINGS)
-
-
 def test_bad_dtype_is_refused(multiconv_compact, out):
     with pytest.raises(ConversionError, match="'float32' or 'float16'. Received: 'int8'"):
         onnx_export.export(multiconv_compact, out / "int8", dtype="int8")
     assert not (out / "int8").exists()
 
 
+def test_check_options_refuses_what_export_would_and_writes_nothing(multiconv_compact, out):
+    before = sorted(out.iterdir())
+    onnx_export.check_options(dtype="float16", sparse=False)
+    for options, message in (
+        ({"dtype": "int8"}, r"ONNX export takes dtype 'float32' or 'float16'. Received: 'int8'"),
+        ({"sprase": False}, r"ONNX export takes options \['sparse'\]. Received unknown options: \['sprase'\]"),
+        ({"force": True}, r"Received unknown options: \['force'\]"),
+        ({"sparse": "no"}, r"`sparse` must be True or False. Received: sparse='no'"),
+    ):
+        with pytest.raises(ConversionError, match=message):
+            onnx_export.check_options(**options)
+    with pytest.raises(ConversionError, match=r"`sparse` must be True or False"):
+        onnx_export.export(multiconv_compact, out / "sparse_no", sparse="no")  # export checks through check_options
+    assert sorted(out.iterdir()) == before
+
+
 def test_bitmask_encoding_round_trips():
     rng = np.random.default_rng(5)
     array = rng.normal(size=(3, 5, 7)).astype("float32")
     array[rng.random(array.shape) < 0.7] = 0.0
-    mask, values = onnx_export.encode_bitmask(array)
+    mask, values = encode_bitmask(array)
     assert mask.size == math.ceil(array.size / 8) and values.size == np.count_nonzero(array)
     present = np.unpackbits(mask, bitorder="little")[: array.size].astype(bool)
     rebuilt = np.zeros(array.size, "float32")

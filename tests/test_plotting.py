@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import keras
 import numpy as np
@@ -16,6 +17,7 @@ import mann_edge
 import zoo
 from mann_edge import samples
 from mann_edge.errors import MannEdgeError, OutputExistsError
+from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
 from mann_edge.layers import MultiMaskedDense, SelectorLayer
 from mann_edge.plotting import (
     FREE_COLOR,
@@ -88,6 +90,40 @@ def test_conv_kernels_are_flattened_to_inputs_by_outputs(multiconv_model):
     assert panel.owner.shape == (3 * 3 * 1, 6)
     flat = mask.reshape(2, -1, mask.shape[-1])
     np.testing.assert_array_equal(panel.owner, np.where(flat.any(axis=0), flat.argmax(axis=0), -1))
+
+
+def test_ownership_comes_from_node_attributes_not_names():
+    # A name that looks like a slab ("decoy[1]") means nothing; attrs["layer"] and attrs["slab"] do.
+    rng = np.random.default_rng(0)
+    spec = TensorSpec("x", (None, 5))
+    nodes, weights, tasks, kernels = [], {}, [], []
+    for i, (name, origin) in enumerate([("alpha", {"layer": "shared", "slab": 0}),
+                                        ("beta", {"layer": "shared", "slab": 1}),
+                                        ("decoy[1]", {"layer": "decoy"})]):
+        kernels.append(((rng.random((5, 3)) < 0.5) * rng.normal(size=(5, 3))).astype("float32"))
+        weights[f"{name}/kernel"] = kernels[-1]
+        nodes.append(Node(name, "dense", ("x",), {"kernel": f"{name}/kernel"}, {"activation": "linear", **origin},
+                          (None, 3)))
+        tasks.append(Task(f"t{i}", (spec,), (TensorSpec(f"y{i}", (None, 3)),), (name,)))
+    (panel,) = layer_ownership(CompactModel([spec], nodes, tasks, weights))
+    assert (panel.layer, panel.op, panel.kernel_shape, panel.slabs) == ("shared", "dense", (5, 3), ("t0", "t1"))
+    held = np.stack([k != 0 for k in kernels[:2]])
+    expected = np.where(held.sum(axis=0) > 1, -2, np.where(held.any(axis=0), held.argmax(axis=0), -1))
+    np.testing.assert_array_equal(panel.owner, expected)
+
+
+def test_a_bundle_without_layer_records_plots_one_panel_per_op(pruned_compact, tmp_path):
+    # Bundles written before compaction recorded attrs["layer"]/["slab"]: each kernel op is its own layer.
+    unrecorded = [replace(node, attrs={k: v for k, v in node.attrs.items() if k not in ("layer", "slab")})
+                  for node in pruned_compact.nodes]
+    older = CompactModel(pruned_compact.inputs, unrecorded, pruned_compact.tasks, pruned_compact.weights,
+                         pruned_compact.provenance)
+    bundle = older.save(tmp_path / "older.mann")
+    panels = layer_ownership(mann_edge.load_compact(bundle))
+    assert [p.layer for p in panels] == [node.name for node in pruned_compact.nodes if node.op == "dense"]
+    assert all(len(p.slabs) == 1 and p.slabs[0] in ("task_a", "task_b") and not p.overlapping for p in panels)
+    path = plot_masks(bundle, tmp_path / "older.png")
+    assert color_pixels(path, task_colors(1)[0]) > 3000
 
 
 def test_large_matrices_are_pooled_so_every_task_stays_visible(pruned_compact, tmp_path):

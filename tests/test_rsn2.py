@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 import zoo
 from mann_edge import rsn2
-from mann_edge.layers import MaskedDense, MultiMaskedDense, SelectorLayer
+from mann_edge.layers import MaskedConv2D, MaskedDense, MultiMaskedDense, SelectorLayer
 
 
 def two_task_mlp(hidden=32, seed=1):
@@ -130,6 +130,18 @@ def test_block_masks_keep_whole_blocks_of_four_inputs():
                 assert np.all((blocks.sum(axis=1) == 0) | (blocks.sum(axis=1) == 4))
             if isinstance(layer, MultiMaskedDense):
                 assert (mask.sum(axis=0) <= 1).all()
+
+
+def test_block_masks_apply_to_the_classes_that_allow_them():
+    # Convolution kernels are not block prunable: a block mask on one would be refused (it needs 2-D kernels).
+    keras.utils.set_random_seed(0)
+    image = keras.Input((6, 6, 2))
+    features = keras.layers.Flatten()(MaskedConv2D(4, 3, name="conv")(image))
+    model = keras.Model(image, MaskedDense(8, name="dense")(features))
+    rsn2.mask_model(model, 75, method="magnitude", block_size=4)
+    blocks = model.get_layer("dense").get_masks()[0].reshape(-1, 4, 8).sum(axis=1)
+    assert np.all((blocks == 0) | (blocks == 4))
+    assert model.get_layer("conv").get_masks()[0].mean() == pytest.approx(0.25, abs=0.01)
 
 
 # -- per-task training ---------------------------------------------------------------------------
@@ -252,7 +264,7 @@ MIRRORED = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from mann_edge import rsn2
-    from mann_edge.layers import MaskedDense, MultiMaskedDense, SelectorLayer
+    from mann_edge.layers import MaskedConv2D, MaskedDense, MultiMaskedDense, SelectorLayer
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     rng = np.random.default_rng(0)
     xa, ya = rng.normal(size=(256, 8)).astype("float32"), rng.integers(0, 3, 256)

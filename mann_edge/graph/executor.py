@@ -42,7 +42,7 @@ def normalize_inputs(task: Task, inputs) -> dict[str, np.ndarray]:
 
     ``inputs`` is one array (for a one-input task), a list/tuple in the task's input
     order, or a dict by input name. float64 (or integer) arrays are cast to a float
-    spec; a shape that does not match the spec is refused.
+    spec; a shape that does not match the spec, or inputs of different batch sizes, are refused.
     """
     specs = task.inputs
     expected = ", ".join(spec.describe() for spec in specs)
@@ -61,7 +61,12 @@ def normalize_inputs(task: Task, inputs) -> dict[str, np.ndarray]:
         raise InputError(
             f"Task {task.name!r} takes {len(specs)} input(s). Received: {len(arrays)}. Expected: {expected}"
         )
-    return {spec.name: _check_array(task, spec, array) for spec, array in zip(specs, arrays)}
+    checked = {spec.name: _check_array(task, spec, array) for spec, array in zip(specs, arrays)}
+    batches = {name: array.shape[0] for name, array in checked.items() if array.ndim}
+    if len(set(batches.values())) > 1:
+        sizes = ", ".join(f"'{name}': {batch}" for name, batch in batches.items())
+        raise InputError(f"Task {task.name!r}: every input needs the same batch size. Received batch sizes {sizes}")
+    return checked
 
 
 def _check_array(task: Task, spec: TensorSpec, value) -> np.ndarray:

@@ -17,24 +17,33 @@ import numpy as np
 from mann_edge.errors import InputError
 from mann_edge.graph.activations import apply_activation, normalize_activation
 from mann_edge.graph.model import Node
+from mann_edge.graph.windows import conv_windows
+from mann_edge.registry import Registry
 from mann_edge.sparse import CSRWeight
 
-__all__ = ["Op", "OPS", "register", "bind", "same_padding", "conv_windows"]
+__all__ = ["Op", "OPS", "register", "bind"]
 
-OPS: dict[str, type["Op"]] = {}
+OPS = Registry("op", owner="The reference executor", verb="run", error=ValueError)
 
 
 def register(cls: type["Op"]) -> type["Op"]:
-    OPS[cls.type] = cls
-    return cls
+    """Registers an op class in `OPS` under its ``type`` (the decorator beside each op below)."""
+    return OPS.register(cls.type)(cls)
 
 
-def bind(node: Node, weights: Mapping[str, "np.ndarray | CSRWeight"], registry=None) -> "Op":
-    """The op instance that runs ``node`` (from ``registry``, the reference ops by default)."""
+def bind(node: Node, weights: Mapping[str, "np.ndarray | CSRWeight"], registry: Registry | None = None) -> "Op":
+    """The op instance that runs ``node`` (from ``registry``, the reference ops by default).
+
+    Raises:
+        ValueError: ``node.op`` is not in the registry (naming the node and the supported ops),
+            or the node lacks the weights or inputs its op takes.
+
+    Example:
+        >>> bind(Node("h", "dense", ("x",), {"kernel": "h/kernel"}, {"activation": "relu"}), weights).run(x)
+    """
     registry = OPS if registry is None else registry
-    if node.op not in registry:
-        raise ValueError(f"Node '{node.name}' has unknown op {node.op!r}. Supported ops: {sorted(registry)}")
-    return registry[node.op](node, {role: weights[key] for role, key in node.weights.items()})
+    op_class = registry.lookup(node.op, context=f"node '{node.name}'")
+    return op_class(node, {role: weights[key] for role, key in node.weights.items()})
 
 
 class Op:
@@ -97,30 +106,6 @@ class Op:
 
 def _activate(y: np.ndarray, attrs: Mapping) -> np.ndarray:
     return apply_activation(y, normalize_activation(attrs.get("activation")))
-
-
-def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """TensorFlow's 'same' padding (before, after): the extra pixel goes after."""
-    effective = (kernel - 1) * dilation + 1
-    out = -(-size // stride)
-    total = max((out - 1) * stride + effective - size, 0)
-    return total // 2, total - total // 2
-
-
-def conv_windows(x: np.ndarray, kernel, strides, padding, dilation=(1, 1), pad_value=0.0):
-    """Sliding windows of an NHWC batch: (N, Ho, Wo, kh, kw, C), plus the padding used."""
-    kh, kw = kernel
-    if padding == "same":
-        pads = [same_padding(x.shape[1], kh, strides[0], dilation[0]), same_padding(x.shape[2], kw, strides[1], dilation[1])]
-    else:
-        pads = [(0, 0), (0, 0)]
-    padded = np.pad(x, [(0, 0), pads[0], pads[1], (0, 0)], constant_values=pad_value)
-    span = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
-    if padded.shape[1] < span[0] or padded.shape[2] < span[1]:
-        raise ValueError(f"window {span} larger than the padded input {padded.shape[1:3]}")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(1, 2))  # N, H', W', C, sh, sw
-    windows = windows[:, :: strides[0], :: strides[1], :, :: dilation[0], :: dilation[1]]
-    return windows.transpose(0, 1, 2, 4, 5, 3), pads
 
 
 @register

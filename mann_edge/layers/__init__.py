@@ -3,6 +3,8 @@
 Constructor arguments, config keys and weight shapes (tasks first, masks as
 non-trainable weights) match the originals, and every class is registered for
 serialization, so ``keras.models.load_model("m.keras")`` needs no custom_objects.
+What tools need to know about a class (``masked``, ``multitask``, ``list_input``,
+``block_prunable``) are class attributes beside it; see `base.LayerFacts`.
 
 Example:
     >>> from mann_edge.layers import MultiMaskedDense, SelectorLayer
@@ -32,6 +34,3 @@ __all__ = [
     "FilterLayer",
     "SumLayer",
 ]
-
-MASKED_LAYERS = (MaskedDense, MaskedConv2D, MultiMaskedDense, MultiMaskedConv2D)
-MULTITASK_LAYERS = (MultiDense, MultiMaskedDense, MultiConv2D, MultiMaskedConv2D, MultiMaxPool2D)

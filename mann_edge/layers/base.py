@@ -20,7 +20,28 @@ class MaskConstraint(keras.constraints.Constraint):
         return weight * self.mask
 
 
-class MaskedLayerMixin:
+class LayerFacts:
+    """What mann-edge's tools need to know about a layer class, as class attributes.
+
+    RSN2, compaction, the legacy reader and the sample training read these instead of
+    keeping lists of classes, so a new layer class states its facts where it is defined.
+    A Keras layer has none of them: read them with ``getattr(layer, fact, False)``.
+
+    Attributes:
+        masked: holds ``weights_mask`` (and ``bias_mask``), which RSN2 sets.
+        multitask: one weight slab per task; output ``i`` reads only input ``i``.
+        list_input: called on a list of tensors (one per task, or those it routes or sums).
+        block_prunable: RSN2 can prune its kernel in blocks of consecutive inputs
+            (``block_size``): dense kernels, the shape TFLite's sparse FullyConnected runs.
+    """
+
+    masked = False
+    multitask = False
+    list_input = False
+    block_prunable = False
+
+
+class MaskedLayerMixin(LayerFacts):
     """Creates ``weights`` and ``bias`` (and, when masked, their masks) in the original packages' order.
 
     Subclasses set ``masked`` and hold ``kernel_initializer``, ``bias_initializer``,

@@ -30,6 +30,8 @@ class MaskedDense(MaskedLayerMixin, keras.layers.Layer):
         >>> y = layer(np.ones((2, 8), "float32"))   # (2, 16)
     """
 
+    block_prunable = True
+
     def __init__(
         self,
         units,

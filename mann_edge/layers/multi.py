@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from mann_edge.layers.base import (
+    LayerFacts,
     MaskedLayerMixin,
     conv_output_shape,
     conv_tuple,
@@ -31,6 +32,9 @@ class MultiDense(MaskedLayerMixin, keras.layers.Layer):
     """
 
     masked = False
+    multitask = True
+    list_input = True
+    block_prunable = True
 
     def __init__(
         self,
@@ -113,6 +117,8 @@ class MultiConv2D(MaskedLayerMixin, keras.layers.Layer):
     """
 
     masked = False
+    multitask = True
+    list_input = True
 
     def __init__(
         self,
@@ -198,7 +204,7 @@ class MultiMaskedConv2D(MultiConv2D):
 
 
 @keras.saving.register_keras_serializable(package="mann_edge")
-class MultiMaxPool2D(keras.layers.Layer):
+class MultiMaxPool2D(LayerFacts, keras.layers.Layer):
     """Max pooling applied to each task's input.
 
     Note the original's defaults: ``strides=(1, 1)`` and ``padding='same'`` keep the spatial size.
@@ -206,6 +212,9 @@ class MultiMaxPool2D(keras.layers.Layer):
     Example:
         >>> a, b = MultiMaxPool2D(pool_size=2, strides=2)([maps0, maps1])
     """
+
+    multitask = True
+    list_input = True
 
     def __init__(self, pool_size=(2, 2), strides=(1, 1), padding="same", **kwargs):
         super().__init__(**kwargs)

@@ -7,15 +7,19 @@ import functools
 import keras
 from keras import ops
 
+from mann_edge.layers.base import LayerFacts
+
 
 @keras.saving.register_keras_serializable(package="mann_edge")
-class SelectorLayer(keras.layers.Layer):
+class SelectorLayer(LayerFacts, keras.layers.Layer):
     """Returns ``inputs[sel_index]``: picks one task's branch out of a multitask layer's outputs.
 
     Example:
         >>> branches = MultiMaskedDense(10)([x0, x1])
         >>> task1 = SelectorLayer(1)(branches)
     """
+
+    list_input = True
 
     def __init__(self, sel_index, **kwargs):
         super().__init__(**kwargs)
@@ -40,7 +44,7 @@ class SelectorLayer(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="mann_edge")
-class FilterLayer(keras.layers.Layer):
+class FilterLayer(LayerFacts, keras.layers.Layer):
     """Passes its input through when on, outputs zeros of the same shape when off.
 
     Example:
@@ -72,12 +76,14 @@ class FilterLayer(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="mann_edge")
-class SumLayer(keras.layers.Layer):
+class SumLayer(LayerFacts, keras.layers.Layer):
     """Adds all its inputs together (shapes must match).
 
     Example:
         >>> total = SumLayer()([a, b, c])
     """
+
+    list_input = True
 
     def call(self, inputs):
         return functools.reduce(ops.add, inputs)

@@ -1,0 +1,160 @@
+"""The parity matrix: every source model x every format in the table x batch sizes 1 and 7 x every task.
+
+Sources are the legacy fixtures (against the outputs the original packages recorded), the
+test zoo and the shipped samples (against Keras), and a compact model built directly
+(against the numpy reference). Each export runs in its own runtime where this machine has
+it, and through its converter's own evaluation elsewhere (Core ML off macOS). A format
+added to `mann_edge.formats.FORMATS` is tested here without touching this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import mann_edge
+import zoo
+from mann_edge import samples
+from mann_edge.converters.validation import tolerances
+from mann_edge.formats import FORMATS
+from mann_edge.graph.activations import ACTIVATIONS
+from mann_edge.graph.ops import OPS
+
+BATCHES = (1, 7)
+
+
+@dataclass
+class Source:
+    """A model to export: its compact model, and the reference outputs of a task for a batch size."""
+
+    compact: mann_edge.CompactModel
+    reference: Callable[[str, int], tuple[dict, list]]  # (task, batch) -> (inputs by name, expected outputs)
+
+
+def _legacy(name: str) -> Source:
+    cm = mann_edge.compact(mann_edge.load_legacy(zoo.LEGACY / f"{name}.h5"), task_names=["task0", "task1"])
+    recorded = zoo.legacy_reference(name)
+
+    def reference(task: str, batch: int):
+        index = cm.task_names.index(task)
+        return {cm.task(task).inputs[0].name: recorded[f"x{index}"][:batch]}, [recorded[f"out{index}"][:batch]]
+
+    return Source(cm, reference)
+
+
+def _keras(model) -> Source:
+    cm = mann_edge.compact(model)
+
+    def reference(task: str, batch: int):
+        arrays = zoo.sample_batch(model, batch, seed=batch)
+        by_name = {kt.name: array for kt, array in zip(model.inputs, arrays)}
+        expected = dict(zip(model.output_names, zoo.keras_outputs(model, arrays if len(arrays) > 1 else arrays[0])))
+        spec = cm.task(task)
+        return {s.name: by_name[s.name] for s in spec.inputs}, [expected[s.name] for s in spec.outputs]
+
+    return Source(cm, reference)
+
+
+def _numpy_reference(cm) -> Source:
+    from mann_edge.converters.validation import sample_inputs
+
+    def reference(task: str, batch: int):
+        inputs = sample_inputs(cm, task, batch, seed=batch)
+        return inputs, cm.run(task, inputs)
+
+    return Source(cm, reference)
+
+
+def _sample(name: str) -> Source:
+    """A shipped sample, run on the held-out examples of its own data (the other task's inputs zero)."""
+    import keras
+
+    import mann_edge.layers  # noqa: F401  (registers the layer classes)
+
+    model = keras.models.load_model(samples.sample_path(name), compile=False)
+    cm = mann_edge.compact(model, task_names=samples.sample_tasks(name))
+    data = samples.sample_data(name)
+
+    def reference(task: str, batch: int):
+        x = data[task].x_test[:batch]
+        feed = [np.zeros((batch, *kt.shape[1:]), kt.dtype) for kt in model.inputs]
+        feed[[kt.name for kt in model.inputs].index(cm.task(task).inputs[0].name)] = x
+        expected = zoo.keras_outputs(model, feed)[cm.task_names.index(task)]
+        return {cm.task(task).inputs[0].name: x}, [expected]
+
+    return Source(cm, reference)
+
+
+SOURCES: dict[str, Callable[[], Source]] = {
+    **{f"legacy/{name}": (lambda name=name: _legacy(name)) for name in zoo.LEGACY_NAMES},
+    "zoo/mixed": lambda: _keras(zoo.build_mixed()),
+    "zoo/multiconv": lambda: _keras(zoo.build_multiconv()),
+    "zoo/activations": lambda: _keras(zoo.build_activations()),
+    "zoo/padding": lambda: _keras(zoo.build_padding()),
+    "zoo/parametrized_activations": lambda: _numpy_reference(zoo.parametrized_activations()),
+    **{f"sample/{name}": (lambda name=name: _sample(name)) for name in samples.SAMPLES},
+}
+
+
+@pytest.fixture(scope="module")
+def sources():
+    cache: dict[str, Source] = {}
+
+    def get(name: str) -> Source:
+        if name not in cache:
+            cache[name] = SOURCES[name]()
+        return cache[name]
+
+    return get
+
+
+def _runner(format: str, path):
+    """How to run an export here: its runtime, or where that runtime cannot run on this machine, its converter's own."""
+    if FORMATS[format].runs_here():
+        return mann_edge.runtime.load(path).run
+    return FORMATS[format].converter_module().runner(path)
+
+
+@pytest.mark.parametrize("format", list(FORMATS))
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_every_task_of_every_source_matches_its_reference_in_every_format(source, format, sources, tmp_path):
+    model = sources(source)
+    module = FORMATS[format].converter_module()
+    path = module.export(model.compact, tmp_path / module.artifact_name())
+    run = _runner(format, path)
+    atol, rtol = tolerances("float32")
+    for task in model.compact.tasks:
+        for batch in BATCHES:
+            inputs, expected = model.reference(task.name, batch)
+            outputs = run(task.name, inputs)
+            assert len(outputs) == len(expected)
+            for spec, got, want in zip(task.outputs, outputs, expected):
+                got = np.asarray(got)
+                assert got.shape == want.shape, f"{source} {format} {task.name} b{batch} '{spec.name}'"
+                np.testing.assert_allclose(got, want, atol=atol, rtol=rtol,
+                                           err_msg=f"{source} {format} task {task.name} batch {batch} '{spec.name}'")
+
+
+@pytest.mark.parametrize("format", list(FORMATS))
+@pytest.mark.parametrize("source", ["legacy/mann_conv", "zoo/mixed"])
+def test_float16_exports_are_within_the_float16_tolerance(source, format, sources, tmp_path):
+    model = sources(source)
+    module = FORMATS[format].converter_module()
+    if "float16" not in FORMATS[format].dtypes:
+        pytest.skip(f"{format} takes no float16")
+    path = module.export(model.compact, tmp_path / module.artifact_name(), dtype="float16")
+    report = module.validate(model.compact, path, batches=BATCHES)
+    assert report.atol == tolerances("float16")[0]
+    report.raise_for_errors()
+    assert {check.task for check in report.checks} == set(model.compact.task_names)
+    assert {check.batch for check in report.checks} == set(BATCHES)
+
+
+@pytest.mark.parametrize("format", list(FORMATS))
+def test_every_compact_op_and_activation_has_a_lowering_in_every_format(format):
+    module = FORMATS[format].converter_module()
+    assert set(OPS) <= set(module.LOWERINGS), sorted(set(OPS) - set(module.LOWERINGS))
+    assert set(ACTIVATIONS) <= set(module.ACTIVATION_LOWERINGS), sorted(set(ACTIVATIONS) - set(module.ACTIVATION_LOWERINGS))
