@@ -3,9 +3,9 @@
 A file holding every task (a ``.tflite``, a multifunction Core ML package) embeds the whole
 model's manifest. A file holding one task (an ``.onnx`` file, a per-task ``.mlpackage``)
 embeds only what that task needs: the manifest of ``model.select_tasks([task])``, whose
-provenance records the export the file belongs to (`mann_edge.runtime.onnx.SELECTED_FROM`:
+provenance records the export the file belongs to (`mann_edge.bundle.SELECTED_FROM`:
 every task name in order and the sha256 of the whole manifest). The runtimes rebuild an
-export's tasks from its files with that record (`mann_edge.runtime.onnx.export_task_order`):
+export's tasks from its files with that record (`mann_edge.bundle.export_task_order`):
 each file contributes its task, files of different models are refused, and a missing
 file is named. A file's metadata thus grows with its own task, not with the model.
 
@@ -20,9 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from mann_edge.bundle import manifest_of
+from mann_edge.bundle import SELECTED_FROM, manifest_of
 from mann_edge.graph.model import CompactModel
-from mann_edge.runtime.onnx import SELECTED_FROM
 
 __all__ = ["manifest_text", "task_manifest_text"]
 

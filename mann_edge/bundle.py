@@ -24,13 +24,16 @@ import numpy as np
 
 from mann_edge import safetensors_codec
 from mann_edge._version import __version__
-from mann_edge.errors import BundleError
+from mann_edge.errors import BundleError, MannEdgeError
 from mann_edge.files import atomic_output, build_time
 from mann_edge.graph.model import DTYPES, CompactModel, Node, Task, TensorSpec
 from mann_edge.graph.ops import OPS
 from mann_edge.sparse import LAYOUTS, CSRWeight
 
-__all__ = ["save_compact", "load_compact", "manifest_of", "tasks_from_manifest", "FORMAT", "FORMAT_VERSION"]
+__all__ = [
+    "save_compact", "load_compact", "manifest_of", "tasks_from_manifest", "export_of", "export_task_order",
+    "SELECTED_FROM", "FORMAT", "FORMAT_VERSION",
+]
 
 FORMAT = "mann-edge-bundle"
 FORMAT_VERSION = 1
@@ -222,6 +225,13 @@ class _ManifestReader:
             self.fail(f"{where}.{key}", f"must be {names}, got {type(value).__name__}")
         return value
 
+    def names(self, data: Any, key: str, where: str) -> list[str]:
+        """A field holding a list of names (strings)."""
+        value = self.field(data, key, list, where)
+        if not all(isinstance(item, str) for item in value):
+            self.fail(f"{where}.{key}", "must be a list of names (strings)")
+        return value
+
     def shape(self, value: Any, where: str, allow_none: bool) -> tuple:
         if not isinstance(value, list) or not all(
             (d is None and allow_none) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in value
@@ -294,13 +304,13 @@ class _ManifestReader:
             self.fail(f"{where}.name", f"{name!r} is used twice")
         if op not in OPS:
             self.fail(f"{where}.op", f"{op!r} is not an op this mann-edge knows; supported: {sorted(OPS)}")
-        inputs = self.field(data, "inputs", list, where)
+        inputs = self.names(data, "inputs", where)
         for tensor in inputs:
             if tensor not in known:
                 self.fail(f"{where}.inputs", f"refers to {tensor!r}, which is not an input or an earlier node")
         roles = self.field(data, "weights", dict, where)
         for role, key in roles.items():
-            if key not in weights:
+            if not isinstance(key, str) or key not in weights:
                 self.fail(f"{where}.weights.{role}", f"refers to {key!r}, which is not in the weights")
         attrs = self.field(data, "attrs", dict, where)
         node = Node(
@@ -322,7 +332,7 @@ class _ManifestReader:
         name = self.field(data, "name", str, where)
         by_name = {spec.name: spec for spec in inputs}
         task_inputs = []
-        for input_name in self.field(data, "inputs", list, where):
+        for input_name in self.names(data, "inputs", where):
             if input_name not in by_name:
                 self.fail(f"{where}.inputs", f"refers to {input_name!r}, which is not a model input")
             task_inputs.append(by_name[input_name])
@@ -382,3 +392,66 @@ class _ManifestReader:
         if key not in arrays:
             self.fail(where, f"needs tensor {key!r}, which the weights file does not have")
         return arrays[key]
+
+
+# -- exports whose files each hold one task ------------------------------------------------------
+
+# The provenance entry of a per-task file's manifest naming the export it belongs to (see `export_of`).
+SELECTED_FROM = "selected_from"
+
+
+def export_of(manifest: dict, text: str, source: "str | os.PathLike", error: type[MannEdgeError] = MannEdgeError
+              ) -> tuple[tuple[str, ...], str]:
+    """(the task names of the export a file belongs to, in the model's order; what identifies the export's model).
+
+    A per-task file embeds the manifest of its own task, whose provenance records the export
+    (`SELECTED_FROM`: every task name and the sha256 of the whole model's manifest). A
+    manifest without that record describes the whole model (a multifunction Core ML
+    package, or an export written before per-task manifests): its own tasks and text say it.
+
+    Raises:
+        ``error``: a record that is not a list of task names and a digest.
+
+    Example:
+        >>> export_of(task_manifest, text, "out/onnx/digits.onnx")
+        (('digits', 'cancer'), '9f2c...')
+    """
+    provenance = manifest.get("provenance")
+    record = provenance.get(SELECTED_FROM) if isinstance(provenance, dict) else None
+    if record is None:
+        tasks = manifest.get("tasks") if isinstance(manifest.get("tasks"), list) else []
+        return tuple(task.get("name") for task in tasks if isinstance(task, dict)), text
+    names = record.get("tasks") if isinstance(record, dict) else None
+    digest = record.get("manifest_sha256") if isinstance(record, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(digest, str):
+        raise error(f"{source}: the manifest's provenance entry '{SELECTED_FROM}' must hold 'tasks' (a list of "
+                    f"task names) and 'manifest_sha256' (a string). Received: {record!r}")
+    return tuple(names), digest
+
+
+def export_task_order(path: Path, held: Mapping[str, Path], exports: Mapping[Path, tuple], *, parts: str, whole: bool,
+                      error: type[MannEdgeError] = MannEdgeError) -> list[str]:
+    """The tasks held in the files of ``path``, in the model's order, once the files are checked to be one export.
+
+    Args:
+        path: the export (for messages).
+        held: task -> the file holding it.
+        exports: file -> `export_of` its manifest.
+        parts: what the files are, for messages ("the .onnx files").
+        whole: ``path`` is a directory that must hold every task of its export.
+
+    Raises:
+        ``error``: files of different exports, a task its export does not list, or (``whole``) a task without its file.
+    """
+    (first, export), *others = exports.items()
+    for file, other in others:
+        if other != export:
+            raise error(f"{path}: {file.name} and {first.name} come from different models (their manifests differ)")
+    order = list(export[0])
+    unknown = [name for name in held if name not in order]
+    if unknown:
+        raise error(f"{path}: files {[held[name].name for name in unknown]} hold tasks {unknown} of another model")
+    missing = [name for name in order if name not in held]
+    if whole and missing:
+        raise error(f"{path} lacks {parts} of tasks {missing} (found {sorted(file.name for file in exports)})")
+    return [name for name in order if name in held]

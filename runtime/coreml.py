@@ -33,11 +33,10 @@ from typing import Mapping
 
 import numpy as np
 
-from mann_edge.bundle import tasks_from_manifest
+from mann_edge.bundle import export_of, export_task_order, tasks_from_manifest
 from mann_edge.errors import BundleError, MannEdgeError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASKS
 from mann_edge.graph.model import Task
-from mann_edge.runtime.onnx import export_of, export_task_order
 from mann_edge.runtime.session import Session
 
 __all__ = [

@@ -34,7 +34,7 @@ import numpy as np
 
 from mann_edge.bundle import tasks_from_manifest
 from mann_edge.errors import MannEdgeError
-from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_USE_XNNPACK
+from mann_edge.formats import METADATA_MANIFEST, METADATA_USE_XNNPACK
 from mann_edge.graph.model import Task
 from mann_edge.runtime.session import Session
 

@@ -26,11 +26,10 @@ import json
 import mmap
 import os
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
-from mann_edge.bundle import tasks_from_manifest
+from mann_edge.bundle import export_of, export_task_order, tasks_from_manifest
 from mann_edge.errors import BundleError, MannEdgeError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASK
 from mann_edge.graph.model import Task
@@ -41,14 +40,9 @@ __all__ = [
     "SUFFIX",
     "read_metadata",
     "read_manifest",
-    "export_of",
-    "export_task_order",
-    "SELECTED_FROM",
 ]
 
 SUFFIX = ".onnx"
-# The provenance entry of a per-task file's manifest naming the export it belongs to (see `export_of`).
-SELECTED_FROM = "selected_from"
 
 # ModelProto's fields (onnx/onnx.proto): number -> protobuf wire type (0 varint, 2 length-delimited).
 _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
@@ -197,63 +191,6 @@ def _task_files(path: Path) -> tuple[list[Task], dict[str, Path], dict[str, str]
 # -- per-task files: which export a file belongs to ----------------------------------------------
 # Shared with `mann_edge.runtime.coreml`, whose per-task packages embed their manifests the same way
 # (written by `mann_edge.converters.metadata`).
-
-
-def export_of(manifest: dict, text: str, source: "str | os.PathLike", error: type[MannEdgeError] = MannEdgeError
-              ) -> tuple[tuple[str, ...], str]:
-    """(the task names of the export a file belongs to, in the model's order; what identifies the export's model).
-
-    A per-task file embeds the manifest of its own task, whose provenance records the export
-    (`SELECTED_FROM`: every task name and the sha256 of the whole model's manifest). A
-    manifest without that record describes the whole model (a multifunction Core ML
-    package, or an export written before per-task manifests): its own tasks and text say it.
-
-    Raises:
-        ``error``: a record that is not a list of task names and a digest.
-
-    Example:
-        >>> export_of(task_manifest, text, "out/onnx/digits.onnx")
-        (('digits', 'cancer'), '9f2c...')
-    """
-    provenance = manifest.get("provenance")
-    record = provenance.get(SELECTED_FROM) if isinstance(provenance, dict) else None
-    if record is None:
-        tasks = manifest.get("tasks") if isinstance(manifest.get("tasks"), list) else []
-        return tuple(task.get("name") for task in tasks if isinstance(task, dict)), text
-    names = record.get("tasks") if isinstance(record, dict) else None
-    digest = record.get("manifest_sha256") if isinstance(record, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(digest, str):
-        raise error(f"{source}: the manifest's provenance entry '{SELECTED_FROM}' must hold 'tasks' (a list of "
-                    f"task names) and 'manifest_sha256' (a string). Received: {record!r}")
-    return tuple(names), digest
-
-
-def export_task_order(path: Path, held: Mapping[str, Path], exports: Mapping[Path, tuple], *, parts: str, whole: bool,
-                      error: type[MannEdgeError] = MannEdgeError) -> list[str]:
-    """The tasks held in the files of ``path``, in the model's order, once the files are checked to be one export.
-
-    Args:
-        path: the export (for messages).
-        held: task -> the file holding it.
-        exports: file -> `export_of` its manifest.
-        parts: what the files are, for messages ("the .onnx files").
-        whole: ``path`` is a directory that must hold every task of its export.
-
-    Raises:
-        ``error``: files of different exports, a task its export does not list, or (``whole``) a task without its file.
-    """
-    (first, export), *others = exports.items()
-    for file, other in others:
-        if other != export:
-            raise error(f"{path}: {file.name} and {first.name} come from different models (their manifests differ)")
-    order = list(export[0])
-    unknown = [name for name in held if name not in order]
-    if unknown:
-        raise error(f"{path}: files {[held[name].name for name in unknown]} hold tasks {unknown} of another model")
-    missing = [name for name in order if name not in held]
-    if whole and missing:
-        raise error(f"{path} lacks {parts} of tasks {missing} (found {sorted(file.name for file in exports)})")
-    return [name for name in order if name in held]
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:

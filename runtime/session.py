@@ -8,8 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from mann_edge.graph.executor import normalize_inputs
-from mann_edge.graph.model import Task
-from mann_edge.errors import TaskError
+from mann_edge.graph.model import Task, find_task
 
 __all__ = ["Session"]
 
@@ -39,10 +38,7 @@ class Session:
 
     def task(self, name: str) -> Task:
         """The task called ``name``, or a TaskError listing the tasks there are."""
-        for task in self.tasks:
-            if task.name == name:
-                return task
-        raise TaskError(f"Unknown task {name!r} in {self.path}. Tasks: {self.task_names}")
+        return find_task(self.tasks, name, str(self.path))
 
     def run(self, task: str, inputs) -> list[np.ndarray]:
         """Runs one task; returns its outputs in order (a list of arrays).

@@ -18,7 +18,6 @@ from mann_edge.bundle import FORMAT_VERSION, MANIFEST, WEIGHTS
 from mann_edge.compaction import MaskOverlapWarning, mask_overlaps
 from mann_edge.errors import BundleError, CompactionError, InputError, OutputExistsError, TaskError
 from mann_edge.layers import MultiMaskedDense, SelectorLayer
-from mann_edge.runtime.bundle import BundleSession
 from mann_edge.sparse import CSRWeight
 
 

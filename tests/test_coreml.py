@@ -20,15 +20,14 @@ import pytest
 import mann_edge
 import zoo
 from mann_edge.bundle import manifest_of
-from mann_edge.converters import coreml, coreml_lowering, mil_eval
+from mann_edge.converters import coreml, mil_eval
 from mann_edge.converters.metadata import manifest_text, task_manifest_text
 from mann_edge.converters.mil_eval import KERNELS, MILEvaluator
 from mann_edge.errors import BundleError, ConversionError, MannEdgeError, OutputExistsError, ValidationError
-from mann_edge.graph.activations import ACTIVATIONS
 from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
-from mann_edge.graph.ops import OPS
 from mann_edge.registry import Registry
-from mann_edge.runtime.coreml import METADATA_MANIFEST, METADATA_TASKS, import_coremltools, read_layout
+from mann_edge.formats import METADATA_MANIFEST, METADATA_TASKS
+from mann_edge.runtime.coreml import import_coremltools, read_layout
 
 ON_MACOS = sys.platform == "darwin"
 

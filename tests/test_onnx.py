@@ -28,10 +28,9 @@ from mann_edge.converters import onnx_lowering
 from mann_edge.converters.lowering import encode_bitmask
 from mann_edge.converters.metadata import manifest_text, task_manifest_text
 from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError
-from mann_edge.graph.activations import ACTIVATIONS
 from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
-from mann_edge.graph.ops import OPS
-from mann_edge.runtime.onnx import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASK, OnnxSession, read_metadata
+from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASK
+from mann_edge.runtime.onnx import OnnxSession, read_metadata
 
 # What expands an encoded weight; none of it may be left once onnxruntime has folded the constants.
 EXPANSION_OPS = {"Cast", "Div", "Mod", "CumSum", "Concat", "Slice"}

@@ -20,19 +20,12 @@ import pytest
 import mann_edge
 import zoo
 from mann_edge.bundle import manifest_of
-from mann_edge.converters import tf_lowering, tflite
+from mann_edge.converters import tflite
 from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError, ValidationError
-from mann_edge.graph.activations import ACTIVATIONS
 from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
-from mann_edge.graph.ops import OPS
 from mann_edge.converters import validation
-from mann_edge.runtime.litert import (
-    METADATA_DTYPE,
-    METADATA_MANIFEST,
-    METADATA_USE_XNNPACK,
-    LiteRTSession,
-    read_metadata,
-)
+from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_USE_XNNPACK
+from mann_edge.runtime.litert import LiteRTSession, read_metadata
 
 # LiteRT 2.3 on x86: XNNPACK runs int8 1x16 block-sparse weights wrong (DESIGN.md); exports must detect it here.
 XNNPACK_INT8_BLOCK_BUG = platform.machine().lower() in ("x86_64", "amd64") and version("ai-edge-litert").startswith("2.3")

@@ -18,7 +18,7 @@ import numpy as np
 from mann_edge.errors import TaskError
 from mann_edge.sparse import CSRWeight, weight_nbytes, weight_nnz
 
-__all__ = ["TensorSpec", "Node", "Task", "CompactModel"]
+__all__ = ["TensorSpec", "Node", "Task", "CompactModel", "find_task"]
 
 DTYPES = ("float32", "float16", "int32", "int64")
 
@@ -144,10 +144,7 @@ class CompactModel:
 
     def task(self, name: str) -> Task:
         """The task called ``name``, or a TaskError listing the tasks there are."""
-        for task in self.tasks:
-            if task.name == name:
-                return task
-        raise TaskError(f"Unknown task {name!r}. This model's tasks: {self.task_names}")
+        return find_task(self.tasks, name, "this model")
 
     def node(self, name: str) -> Node:
         return self._nodes_by_name[name]
@@ -271,3 +268,15 @@ def _shape(weight) -> tuple[int, ...]:
     return tuple(weight.shape)
 
 
+def find_task(tasks: Sequence[Task], name: str, where: str) -> Task:
+    """The task called ``name`` among ``tasks``, or a TaskError naming ``where`` and the tasks there are.
+
+    Example:
+        >>> find_task(model.tasks, "nope", "model.mann")
+        Traceback (most recent call last):
+        TaskError: Unknown task 'nope' in model.mann. Tasks: ['digits', 'cancer']
+    """
+    for task in tasks:
+        if task.name == name:
+            return task
+    raise TaskError(f"Unknown task {name!r} in {where}. Tasks: {[task.name for task in tasks]}")
