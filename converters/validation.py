@@ -9,12 +9,14 @@ asked).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from mann_edge.errors import ValidationError
+from mann_edge.errors import InputError, ValidationError
+from mann_edge.graph import plan
 from mann_edge.graph.model import CompactModel, Task
 
 __all__ = ["DEFAULT_BATCHES", "OutputCheck", "ValidationReport", "sample_inputs", "compare", "tolerances", "scaled_atol"]
@@ -113,6 +115,11 @@ def sample_inputs(model: CompactModel, task: str | Task, batch: int, seed: int =
     arrays = {}
     for spec in task.inputs:
         shape = tuple(batch if d is None else d for d in spec.shape)
+        size = 8 * math.prod(shape)  # drawn as float64
+        if size > plan.MAX_TENSOR_BYTES:  # a source declaring huge inputs cannot make verification allocate them
+            raise InputError(f"Task {task.name!r} input '{spec.name}' of shape {list(shape)} would take "
+                             f"{plan.describe_bytes(size)} as sample inputs, more than the "
+                             f"{plan.describe_bytes(plan.MAX_TENSOR_BYTES)} a run may allocate")
         vocabulary = _vocabulary(model, spec.name)
         if vocabulary is not None or spec.dtype.startswith("int"):
             arrays[spec.name] = rng.integers(0, vocabulary or 2, shape).astype(spec.dtype)

@@ -559,6 +559,12 @@ def _threads_list(value: str) -> list[int | None]:
     return settings
 
 
+def _nonempty(value: str) -> str:
+    from mann_edge.cli import nonempty  # the command's one rule for path arguments
+
+    return nonempty(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (`mann-edge bench` and benchmarks/paper_scale.py share them)."""
     parser.add_argument("--repeats", type=int, default=200, help="timed runs per task and batch size (default 200)")
@@ -568,7 +574,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"backends to measure, comma-separated (default: all of {', '.join(BACKENDS)})")
     parser.add_argument("--masks", default=None,
                         help=f"mask kinds, comma-separated (default: all of {', '.join(MASKS)})")
-    parser.add_argument("--out", default=None, help="keep the bundles and exports in this directory")
+    parser.add_argument("--out", type=_nonempty, default=None, help="keep the bundles and exports in this directory")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 

@@ -5,6 +5,21 @@ shape, size and hash is checked against the manifest before arrays are made,
 so a truncated, tampered or hostile file gives a BundleError saying what is
 wrong, and a bundle from a newer mann-edge says so.
 
+A bundle is a file people download and load on devices, so reading one is bounded like
+reading an image:
+
+- what the file can make the process hold: each zip entry expands at most
+  `MAX_COMPRESSION_RATIO` times (a deflate bomb is refused before it is inflated), and the
+  weights the manifest declares, as dense arrays (what the reference ops and the exporters
+  make of them), at most `MAX_DECLARED_RATIO` times the weights file (plus
+  `DECLARED_BYTES_FLOOR`): a 679-byte file cannot declare a table of 250M rows;
+- the structure: JSON nested at most `mann_edge.safe_json.MAX_DEPTH` deep, no key or zip
+  entry twice, every field of the manifest of its type, range or enumeration, every node's
+  attributes as its op declares them (`mann_edge.graph.schema`);
+- the shapes: every weight must fit its op and every node its declared shape, and no tensor
+  of a one-example run may exceed `mann_edge.graph.plan.MAX_TENSOR_BYTES`
+  (`mann_edge.graph.plan.check_model`), so no kernel ever reads past an array.
+
 Example:
     >>> cm.save("model.mann")
     >>> same = load_compact("model.mann")
@@ -14,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -22,17 +38,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mann_edge import safetensors_codec
+from mann_edge import safe_json, safetensors_codec
 from mann_edge._version import __version__
 from mann_edge.errors import BundleError, MannEdgeError
 from mann_edge.files import atomic_output, build_time
-from mann_edge.graph.model import DTYPES, CompactModel, Node, Task, TensorSpec
+from mann_edge.graph.model import DTYPES, CompactModel, Node, Task, TensorSpec, embedding_rows, with_id_limits
 from mann_edge.graph.ops import OPS
+from mann_edge.graph.plan import check_model, describe_bytes
 from mann_edge.sparse import LAYOUTS, CSRWeight
 
 __all__ = [
     "save_compact", "load_compact", "manifest_of", "tasks_from_manifest", "export_of", "export_task_order",
-    "SELECTED_FROM", "FORMAT", "FORMAT_VERSION",
+    "SELECTED_FROM", "FORMAT", "FORMAT_VERSION", "MAX_COMPRESSION_RATIO", "MAX_DECLARED_RATIO", "DECLARED_BYTES_FLOOR",
 ]
 
 FORMAT = "mann-edge-bundle"
@@ -41,6 +58,18 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_WEIGHTS_BYTES = 16 * 1024**3
+# A zip entry may inflate to at most this many times its compressed bytes (plus a mebibyte, for small
+# entries): mann-edge stores the weights uncompressed and its manifests deflate about 6 to 15 times.
+MAX_COMPRESSION_RATIO = 32
+_SMALL_ENTRY = 1 << 20
+# The weights a manifest declares, as dense float32 arrays, may take at most this many times the
+# weights file's bytes plus the floor: a CSR weight 99.6 % zero is 256 times smaller than dense;
+# RSN2's 90 % makes about 7.
+MAX_DECLARED_RATIO = 256
+DECLARED_BYTES_FLOOR = 16 * 1024 * 1024
+# Ranks and sizes of a declared shape; beyond these no model is meant, and the sums stay small.
+MAX_RANK = 8
+MAX_DIM = 2**31 - 1
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -119,12 +148,13 @@ def load_compact(path: "str | os.PathLike") -> CompactModel:
         raise BundleError(f"Bundle {path} does not exist")
     manifest_bytes, read_weights = _open(path)
     try:
-        manifest = json.loads(manifest_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BundleError(f"Bundle {path}: {MANIFEST} is not valid JSON ({error})") from None
+        manifest = safe_json.loads(manifest_bytes, MANIFEST)
+    except ValueError as error:
+        raise BundleError(f"Bundle {path}: {error}") from None
     reader = _ManifestReader(path, manifest)
     reader.check_header()
     declared = reader.weights_file()
+    reader.check_declared_sizes(declared["bytes"])
     blob = read_weights(declared["bytes"])
     if len(blob) != declared["bytes"]:
         raise BundleError(f"Bundle {path}: {WEIGHTS} is {len(blob)} bytes, the manifest says {declared['bytes']} (truncated?)")
@@ -149,7 +179,9 @@ def tasks_from_manifest(manifest: Any, source: "str | os.PathLike") -> list[Task
     tasks = [reader.task(t, f"tasks[{i}]", inputs, nodes) for i, t in enumerate(reader.field(manifest, "tasks", list, "manifest"))]
     if not tasks:
         reader.fail("tasks", "is empty; a model needs at least one task")
-    return tasks
+    if len({t.name for t in tasks}) != len(tasks):
+        reader.fail("tasks", "has duplicate task names")
+    return list(with_id_limits(tasks, reader.embedding_rows()))
 
 
 def _open(path: Path):
@@ -173,7 +205,7 @@ def _open(path: Path):
 
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as error:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
         raise BundleError(f"Bundle {path} is not a readable .mann zip ({error}); truncated or not a bundle?") from None
     infos = {}
     for info in archive.infolist():
@@ -182,6 +214,13 @@ def _open(path: Path):
             raise BundleError(f"Bundle {path} has an unsafe entry name {name!r}; refusing to read it")
         if name not in (MANIFEST, WEIGHTS):
             raise BundleError(f"Bundle {path} has an unexpected entry {name!r}; a bundle holds only {MANIFEST} and {WEIGHTS}")
+        if name in infos:  # zipfile would silently read the last one; another reader may take the first
+            raise BundleError(f"Bundle {path} has two entries named {name!r}; refusing to guess which one is meant")
+        if info.file_size > MAX_COMPRESSION_RATIO * info.compress_size + _SMALL_ENTRY:
+            raise BundleError(
+                f"Bundle {path}: entry {name!r} inflates from {info.compress_size} to {info.file_size} bytes, more than "
+                f"{MAX_COMPRESSION_RATIO} times; refusing it (a decompression bomb?)"
+            )
         infos[name] = info
     for name in (MANIFEST, WEIGHTS):
         if name not in infos:
@@ -193,7 +232,8 @@ def _open(path: Path):
         try:
             with archive.open(infos[name]) as handle:
                 return handle.read(limit + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+        # a damaged header can also claim encryption, an unknown method or a newer zip version
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as error:
             raise BundleError(f"Bundle {path}: cannot read {name} ({error}); the file is truncated or corrupt") from None
 
     def read_weights(expected: int) -> bytes:
@@ -233,10 +273,12 @@ class _ManifestReader:
         return value
 
     def shape(self, value: Any, where: str, allow_none: bool) -> tuple:
-        if not isinstance(value, list) or not all(
-            (d is None and allow_none) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in value
+        if not isinstance(value, list) or len(value) > MAX_RANK or not all(
+            (d is None and allow_none) or (isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM)
+            for d in value
         ):
-            self.fail(where, f"must be a list of non-negative ints{' or null' if allow_none else ''}, got {value!r}")
+            self.fail(where, f"must be a list of at most {MAX_RANK} ints in [0, {MAX_DIM}]"
+                             f"{' or null' if allow_none else ''}, got {_short(value)}")
         return tuple(value)
 
     def dtype(self, value: Any, where: str, allowed=DTYPES) -> str:
@@ -267,6 +309,44 @@ class _ManifestReader:
             self.fail("manifest.weights_file.sha256", "must be 64 hex digits")
         return {"bytes": size, "sha256": digest}
 
+    def check_declared_sizes(self, weights_bytes: int) -> None:
+        """Refuses a manifest whose weights, made dense, would take far more than the weights file holds.
+
+        Run before the weights are read: the declared shapes are what the reference ops and
+        the exporters allocate, and a CSR weight of a few bytes can declare any shape.
+        """
+        entries = self.field(self.manifest, "weights", dict, "manifest")
+        sizes = {}
+        for key, entry in entries.items():
+            where = f"weights[{key!r}]"
+            shape = self.shape(self.field(entry, "shape", list, where), f"{where}.shape", allow_none=False)
+            dtype = self.dtype(self.field(entry, "dtype", str, where), f"{where}.dtype")
+            sizes[key] = math.prod(shape) * max(np.dtype(dtype).itemsize, 4)  # float16 computes as float32
+        limit = MAX_DECLARED_RATIO * weights_bytes + DECLARED_BYTES_FLOOR
+        total = sum(sizes.values())
+        if total > limit:
+            key = max(sizes, key=sizes.get)
+            self.fail(f"weights[{key!r}]", f"declares shape {entries[key]['shape']} ({describe_bytes(sizes[key])} dense); "
+                      f"the model's weights would take {describe_bytes(total)} dense from a weights file of "
+                      f"{weights_bytes} bytes, more than {MAX_DECLARED_RATIO} times it (plus "
+                      f"{describe_bytes(DECLARED_BYTES_FLOOR)}); refusing to allocate them")
+
+    def embedding_rows(self) -> dict[str, int]:
+        """Tensor -> rows of the smallest embedding table reading it, from the manifest's node and weight entries."""
+        entries = self.manifest.get("weights") if isinstance(self.manifest.get("weights"), dict) else {}
+        nodes = []
+        for i, data in enumerate(self.field(self.manifest, "nodes", list, "manifest")):
+            if isinstance(data, dict) and data.get("op") == "embedding":
+                table = data.get("weights", {}).get("table") if isinstance(data.get("weights"), dict) else None
+                entry = entries.get(table) if isinstance(table, str) else None
+                if entry is None:
+                    self.fail(f"nodes[{i}].weights.table", f"refers to {table!r}, which is not in the weights")
+                shape = self.shape(self.field(entry, "shape", list, f"weights[{table!r}]"), f"weights[{table!r}].shape",
+                                   allow_none=False)
+                nodes.append(Node(str(data.get("name")), "embedding", tuple(self.names(data, "inputs", f"nodes[{i}]")),
+                                  {"table": table}, shape=shape))
+        return embedding_rows(nodes, lambda key: next(n.shape for n in nodes if n.weights["table"] == key))
+
     def spec(self, data: Any, where: str) -> TensorSpec:
         return TensorSpec(
             self.field(data, "name", str, where),
@@ -295,7 +375,17 @@ class _ManifestReader:
         provenance = m.get("provenance", {})
         if not isinstance(provenance, dict):
             self.fail("provenance", "must be an object")
-        return CompactModel(inputs, nodes, tasks, weights, provenance)
+        model = CompactModel(inputs, nodes, tasks, weights, provenance)
+        for i, task in enumerate(model.tasks):
+            reads = {spec.name for spec in inputs} & model.ancestors(task.output_tensors)
+            missing = sorted(reads - {spec.name for spec in task.inputs})
+            if missing:
+                self.fail(f"tasks[{i}].inputs", f"lacks {missing}, which task {task.name!r} computes its outputs from")
+        try:
+            check_model(model)
+        except ValueError as error:
+            raise BundleError(f"Bundle {self.path}: {error}") from None
+        return model
 
     def node(self, data: Any, where: str, known: set, weights: dict) -> Node:
         name = self.field(data, "name", str, where)
@@ -336,6 +426,8 @@ class _ManifestReader:
             if input_name not in by_name:
                 self.fail(f"{where}.inputs", f"refers to {input_name!r}, which is not a model input")
             task_inputs.append(by_name[input_name])
+        if not task_inputs:
+            self.fail(f"{where}.inputs", "is empty; a task needs at least one input")
         outputs, tensors = [], []
         for j, out in enumerate(self.field(data, "outputs", list, where)):
             outputs.append(self.spec(out, f"{where}.outputs[{j}]"))
@@ -392,6 +484,11 @@ class _ManifestReader:
         if key not in arrays:
             self.fail(where, f"needs tensor {key!r}, which the weights file does not have")
         return arrays[key]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # -- exports whose files each hold one task ------------------------------------------------------

@@ -33,12 +33,31 @@ def _csv(value: str | None) -> list[str] | None:
     return None if value is None else [item.strip() for item in value.split(",") if item.strip()]
 
 
+# Argument types: an empty value is refused as bad usage (exit 2), never read as "the current directory"
+# (Path("") is ".") or "nothing" (an empty --to would write the bundle alone).
+
+
+def nonempty(value: str) -> str:
+    """A path argument: refused when empty or blank."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty. Received: {value!r}")
+    return value
+
+
+def names(value: str) -> list[str]:
+    """A comma-separated list of names: refused unless it holds at least one."""
+    items = _csv(value)
+    if not items:
+        raise argparse.ArgumentTypeError(f"must name at least one, comma-separated. Received: {value!r}")
+    return items
+
+
 @command
 def cmd_inspect(args) -> int:
     from mann_edge.inspection import format_report, report_of
     from mann_edge.sources import load_source
 
-    model = load_source(args.path, _csv(args.task_names))
+    model = load_source(args.path, args.task_names)
     report = report_of(model, args.path)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     if args.plot:
@@ -57,7 +76,7 @@ def cmd_convert(args) -> int:
 
     options = {"coreml": {"target": args.coreml_target}} if args.coreml_target else None
     result = convert(
-        args.source, args.out, formats=_csv(args.to), tasks=_csv(args.tasks), task_names=_csv(args.task_names),
+        args.source, args.out, formats=args.to, tasks=args.tasks, task_names=args.task_names,
         dtype=args.dtype, force=args.force, verify=not args.no_verify, strict=args.strict, options=options,
         progress=print_progress,
     )
@@ -73,7 +92,7 @@ def cmd_convert(args) -> int:
 def cmd_verify(args) -> int:
     from mann_edge.api import verify
 
-    report = verify(args.artifact, args.against, tasks=_csv(args.tasks), task_names=_csv(args.task_names))
+    report = verify(args.artifact, args.against, tasks=args.tasks, task_names=args.task_names)
     for check in report.checks:
         status = "ok" if check.ok else f"MISMATCH {check.problem}".strip()
         print(f"{check.task:<16} {check.output:<20} batch {check.batch:<3} max abs error {check.max_abs_error:.2e}  {status}")
@@ -106,36 +125,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="tasks, per-layer and per-task density and bytes of a model")
-    p.add_argument("path", help="a .keras, legacy .h5 or .mann file")
-    p.add_argument("--task-names", help="comma-separated names for the tasks (in output order)")
+    p.add_argument("path", type=nonempty, help="a .keras, legacy .h5 or .mann file")
+    p.add_argument("--task-names", type=names, help="comma-separated names for the tasks (in output order)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    p.add_argument("--plot", metavar="OUT.png", help="also draw the masks by task and the bytes into a PNG")
+    p.add_argument("--plot", type=nonempty, metavar="OUT.png", help="also draw the masks by task and the bytes into a PNG")
     p.add_argument("--force", action="store_true", help="overwrite an existing plot")
 
     exports = ", ".join(FORMATS[name].title for name in EXPORT_FORMATS)
     p = sub.add_parser("convert", help=f"compact a model and export it to {exports}, verified")
-    p.add_argument("source", help="a .keras, legacy .h5 or .mann file")
-    p.add_argument("-o", "--out", required=True, help="output directory (made if missing)")
-    p.add_argument("--to", default=",".join(EXPORT_FORMATS),
+    p.add_argument("source", type=nonempty, help="a .keras, legacy .h5 or .mann file")
+    p.add_argument("-o", "--out", type=nonempty, required=True, help="output directory (made if missing)")
+    p.add_argument("--to", type=names, default=",".join(EXPORT_FORMATS),
                    help=f"formats, comma-separated, of {list(EXPORT_FORMATS)} (default: %(default)s)")
-    p.add_argument("--tasks", help="export only these tasks, comma-separated")
-    p.add_argument("--task-names", help="comma-separated names for the source's tasks (in output order)")
+    p.add_argument("--tasks", type=names, help="export only these tasks, comma-separated")
+    p.add_argument("--task-names", type=names, help="comma-separated names for the source's tasks (in output order)")
     dtypes = list(dict.fromkeys(d for name in EXPORT_FORMATS for d in FORMATS[name].dtypes))
     takes = "; ".join(f"{d}: {', '.join(n for n in EXPORT_FORMATS if d in FORMATS[n].dtypes)}" for d in dtypes)
     p.add_argument("--dtype", default="float32", choices=dtypes,
                    help=f"stored weight values ({takes}; default: %(default)s)")
-    p.add_argument("--coreml-target", help="Core ML deployment target, e.g. macOS13 (default), iOS16, macOS15 (multifunction)")
+    p.add_argument("--coreml-target", type=nonempty, help="Core ML deployment target, e.g. macOS13 (default), iOS16, macOS15 (multifunction)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-verify", action="store_true", help="skip running each export against the compact model")
     p.add_argument("--strict", action="store_true", help="refuse a model whose tasks' masks overlap (default: warn)")
     p.add_argument("--json", action="store_true", help="print the artifacts and table as JSON")
 
     p = sub.add_parser("verify", help="run an export against the model it came from, every task")
-    p.add_argument("artifact", help="an export: " + ", ".join(f"{f.title} ({f.suffix})" for f in FORMATS.values()))
-    p.add_argument("--against", required=True, help="the source: a .keras, legacy .h5 or .mann file")
-    p.add_argument("--tasks", help="check only these tasks, comma-separated")
-    p.add_argument("--task-names", help="comma-separated names for the source's tasks (in output order)")
+    p.add_argument("artifact", type=nonempty, help="an export: " + ", ".join(f"{f.title} ({f.suffix})" for f in FORMATS.values()))
+    p.add_argument("--against", type=nonempty, required=True, help="the source: a .keras, legacy .h5 or .mann file")
+    p.add_argument("--tasks", type=names, help="check only these tasks, comma-separated")
+    p.add_argument("--task-names", type=names, help="comma-separated names for the source's tasks (in output order)")
 
     p = sub.add_parser("bench", help="benchmark the runtime against dense ONNX Runtime and LiteRT (paper-scale model)")
     from mann_edge.benchmark import add_arguments as add_bench_arguments
@@ -186,6 +205,20 @@ def _without_native_log_noise():
         os.close(terminal)
 
 
+def _one_line(error: Exception, args) -> str:
+    """The error as one line. mann-edge's own errors name their file; anything else (a bug, or a library's
+    error that got through) is named with its type and the command's files, so the line still says where."""
+    from mann_edge.errors import MannEdgeError
+
+    text = str(error).strip()
+    message = text.splitlines()[0] if text else ""
+    if isinstance(error, (MannEdgeError, OSError)) and message:
+        return message
+    files = [str(getattr(args, name)) for name in ("path", "source", "artifact", "against") if getattr(args, name, None)]
+    where = f" (while reading {', '.join(files)})" if files else ""
+    return f"{type(error).__name__}: {message or 'no message'}{where}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -205,8 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # every failure becomes one line; --debug shows where
         if args.debug:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"mann-edge: error: {message}", file=sys.stderr)
+        print(f"mann-edge: error: {_one_line(error, args)}", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = shown

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 from mann_edge.errors import OutputExistsError
 
-__all__ = ["atomic_output", "check_writable_dir", "sha256_file", "file_stems", "build_time"]
+__all__ = ["atomic_output", "staged_output", "check_writable_dir", "sha256_file", "file_stems", "build_time"]
 
 
 @contextlib.contextmanager
@@ -43,20 +43,59 @@ def atomic_output(path: "str | os.PathLike", *, force: bool = False, directory: 
     os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_output(path: "str | os.PathLike", *, force: bool = False) -> Iterator[Path]:
+    """Yields a free path beside ``path`` with its suffix, for a writer that makes a file or a directory there;
+    when the block ends without error, what was made replaces ``path``; on any error (an interrupt too) it is removed.
+
+    `mann_edge.convert` exports each format to such a path, verifies what is there, and only
+    then lets it take its final name: a file under a final name has always been verified.
+    An existing ``path`` raises OutputExistsError unless ``force``.
+
+    Example:
+        >>> with staged_output("out/model.tflite") as staging:   # out/.model.k3j2.partial.tflite
+        ...     tflite.export(cm, staging)
+        ...     tflite.validate(cm, staging).raise_for_errors()
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; pass force=True (--force) to overwrite it")
+    check_writable_dir(path.parent)
+    # mkdtemp reserves a unique name; the writer gets the path inside it, so the suffix is kept for it
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    staging = holder / path.name
+    try:
+        yield staging
+        if not staging.exists():
+            raise FileNotFoundError(f"{path}: the export wrote nothing at {staging}")
+        _replace(staging, path)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _replace(made: Path, path: Path) -> None:
+    """Moves ``made`` (a file or a directory) to ``path``, replacing what is there."""
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(made, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(made, path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _umask() -> int:

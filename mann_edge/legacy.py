@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import keras
 import numpy as np
 
 from mann_edge import layers as mann_layers
+from mann_edge import safe_json
 from mann_edge.errors import LegacyFormatError
 
 __all__ = ["load_legacy", "LEGACY_CLASSES"]
@@ -69,13 +69,94 @@ def load_legacy(path: "str | os.PathLike"):
             raise LegacyFormatError(f"{path} has no model_config: it holds weights only, not a saved model")
         raw = handle.attrs["model_config"]
         try:
-            config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise LegacyFormatError(f"{path}: model_config is not valid JSON ({error})") from None
-        model = _build(config, path)
+            config = safe_json.loads(raw if isinstance(raw, (bytes, str)) else str(raw), "model_config")
+        except ValueError as error:
+            raise LegacyFormatError(f"{path}: {error}") from None
         weights = handle["model_weights"] if "model_weights" in handle else handle
+        _check_config(config, path, _stored_sizes(weights, path))
+        model = _build(config, path)
         _load_weights(model, weights, path)
     return model
+
+
+# Config entries that size a layer's weights or windows. A legacy file stores every weight, so none of
+# them can exceed the number of values stored for its layer (or in the whole file, for a layer
+# without weights); a larger one would make Keras allocate what the file never held.
+_SIZE_KEYS = ("units", "filters", "kernel_size", "pool_size", "strides", "dilation_rate", "input_dim", "output_dim",
+              "target_shape")
+
+
+def _stored_sizes(weights, path: Path) -> dict[str, int]:
+    """Layer name -> the number of weight values the file stores for it ("" -> the whole file), from metadata only."""
+    import h5py
+
+    sizes: dict[str, int] = {}
+
+    def visit(name, item):
+        if isinstance(item, h5py.Dataset):
+            layer = name.split("/")[0]
+            sizes[layer] = sizes.get(layer, 0) + int(item.size)
+            sizes[""] = sizes.get("", 0) + int(item.size)
+
+    try:
+        weights.visititems(visit)
+    except (OSError, RuntimeError, KeyError) as error:
+        raise LegacyFormatError(f"{path}: model_weights cannot be read ({error})") from None
+    return sizes
+
+
+def _check_config(config, path: Path, stored: dict[str, int]) -> None:
+    """LegacyFormatError naming the file and the layer for a config mann-edge cannot build safely.
+
+    Checks the structure `_build` walks (objects, lists, names, class names, inbound references)
+    and the sizes in each layer's config (`_SIZE_KEYS`) against what the file stores.
+    """
+    where = f"{path}: model_config"
+    _kind(config, dict, where)
+    body = _kind(config.get("config", {}), dict, f"{where}.config")
+    layers = _kind(body.get("layers", []), list, f"{where}.config.layers")
+    for i, layer in enumerate(layers):
+        at = f"{where}.config.layers[{i}]"
+        _kind(layer, dict, at)
+        if isinstance(layer.get("name"), str):
+            at = f"{path}: layer '{layer['name']}'"
+        layer_config = _kind(layer.get("config"), dict, f"{at}: config")
+        name = layer.get("name", layer_config.get("name"))
+        if not isinstance(name, str):
+            raise LegacyFormatError(f"{at} has no layer name (a string). Received: {name!r}")
+        at = f"{path}: layer '{name}'"
+        if not isinstance(layer.get("class_name"), str):
+            raise LegacyFormatError(f"{at} has no class_name (a string). Received: {layer.get('class_name')!r}")
+        nodes = _kind(layer.get("inbound_nodes", []), list, f"{at}: inbound_nodes")
+        for node in nodes:
+            if isinstance(node, dict):
+                continue  # a Keras 3 config: `_inbound_calls` says so
+            for ref in _kind(node, list, f"{at}: inbound node"):
+                if not (isinstance(ref, list) and len(ref) >= 3 and isinstance(ref[0], str)
+                        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**16 for v in ref[1:3])):
+                    raise LegacyFormatError(f"{at}: inbound reference {ref!r} is not [layer name, node index, tensor index]")
+        limit = max(stored.get(name, 0) or stored.get("", 0), 1)
+        for key in _SIZE_KEYS:
+            value = layer_config.get(key)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) and -1 <= v <= limit
+                                             for v in values):
+                raise LegacyFormatError(
+                    f"{at} ({layer['class_name']}) has {key}={value!r}, beyond the {limit} weight values the file "
+                    "stores for it; refusing to build it"
+                )
+    for key in ("input_layers", "output_layers"):
+        for ref in _kind(body.get(key, []), list, f"{where}.config.{key}"):
+            if not (isinstance(ref, list) and len(ref) >= 3 and isinstance(ref[0], str)
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ref[1:3])):
+                raise LegacyFormatError(f"{where}.config.{key}: {ref!r} is not [layer name, node index, tensor index]")
+
+
+def _kind(value, kind: type, where: str):
+    if not isinstance(value, kind):
+        expected = "an object" if kind is dict else "a list"
+        raise LegacyFormatError(f"{where} must be {expected}. Received: {type(value).__name__}")
+    return value
 
 
 def _build(config: dict, path: Path):
@@ -102,15 +183,45 @@ def _build(config: dict, path: Path):
                 continue
             layer = _layer(layer_config, path)
             for node_index, call in enumerate(calls):
-                args = [outputs[(ref[0], ref[1])][ref[2]] for ref in call]
-                result = layer(args if _takes_list(layer, args) else args[0])
+                try:
+                    args = [outputs[(ref[0], ref[1])][ref[2]] for ref in call]
+                except IndexError:
+                    raise LegacyFormatError(f"{path}: layer '{name}' reads a tensor its input layers do not give "
+                                            f"({call})") from None
+                result = _call(layer, args if _takes_list(layer, args) else args[0], path)
                 outputs[(name, node_index)] = list(result) if isinstance(result, (list, tuple)) else [result]
         if not progressed:
             names = [c.get("name") for c in pending]
             raise LegacyFormatError(f"{path}: layers {names} read inputs that no layer produces")
-    inputs = [outputs[(ref[0], ref[1])][ref[2]] for ref in body["input_layers"]]
-    model_outputs = [outputs[(ref[0], ref[1])][ref[2]] for ref in body["output_layers"]]
-    return keras.Model(inputs, model_outputs, name=body.get("name"))
+    try:
+        inputs = [outputs[(ref[0], ref[1])][ref[2]] for ref in body.get("input_layers", [])]
+        model_outputs = [outputs[(ref[0], ref[1])][ref[2]] for ref in body.get("output_layers", [])]
+    except (KeyError, IndexError) as error:
+        raise LegacyFormatError(f"{path}: model_config names an input or output tensor no layer gives ({error})") from None
+    if not inputs or not model_outputs:
+        raise LegacyFormatError(f"{path}: model_config has no input_layers or no output_layers")
+    try:
+        return keras.Model(inputs, model_outputs, name=body.get("name"))
+    except (TypeError, ValueError) as error:
+        raise LegacyFormatError(f"{path}: the model in model_config cannot be built ({_first_line(error)})") from None
+
+
+def _call(layer, args, path: Path):
+    """``layer(args)``, or a LegacyFormatError naming the file and the layer (Keras raises many kinds)."""
+    try:
+        return layer(args)
+    except Exception as error:
+        raise LegacyFormatError(
+            f"{path}: layer '{layer.name}' ({type(layer).__name__}) cannot be applied to its inputs: {_first_line(error)}"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    # Keras wraps a layer's error in a banner; its own message is the first line that says something
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception encountered", "Arguments received", "•"))]
+    text = (useful or lines or [type(error).__name__])[0]
+    return text.replace("\x1b[1m", "").replace("\x1b[0m", "")[:300]
 
 
 def _takes_list(layer, args: list) -> bool:
@@ -129,16 +240,16 @@ def _build_sequential(body: dict, path: Path):
         raise LegacyFormatError(f"{path}: Sequential model has no layers")
     first = layer_configs[0]
     if first["class_name"] == "InputLayer":
-        x = _input(first["config"], first["config"]["name"], path)
+        x = _input(first["config"], first["config"].get("name", "input"), path)
         layer_configs = layer_configs[1:]
     else:
         shape = first["config"].get("batch_input_shape")
         if shape is None:
             raise LegacyFormatError(f"{path}: Sequential model has no input shape")
-        x = keras.Input(batch_shape=tuple(shape), dtype=first["config"].get("dtype", "float32"))
+        x = _input(first["config"], None, path)
     inputs = x
     for layer_config in layer_configs:
-        x = _layer(layer_config, path)(x)
+        x = _call(_layer(layer_config, path), x, path)
     return keras.Model(inputs, x, name=body.get("name"))
 
 
@@ -158,11 +269,18 @@ def _canonical(class_name: str) -> str:
     return _ALIASES.get(class_name, class_name)
 
 
-def _input(config: dict, name: str, path: Path):
+def _input(config: dict, name: str | None, path: Path):
     shape = config.get("batch_input_shape") or config.get("batch_shape")
     if shape is None:
         raise LegacyFormatError(f"{path}: InputLayer '{name}' has no batch_input_shape")
-    return keras.Input(batch_shape=tuple(shape), dtype=config.get("dtype", "float32"), name=name)
+    if not isinstance(shape, list) or not all(d is None or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+                                              for d in shape):
+        raise LegacyFormatError(f"{path}: InputLayer '{name}' has batch_input_shape {shape!r}; expected a list of "
+                                "sizes (ints or null)")
+    try:
+        return keras.Input(batch_shape=tuple(shape), dtype=config.get("dtype", "float32"), name=name)
+    except (TypeError, ValueError) as error:
+        raise LegacyFormatError(f"{path}: InputLayer '{name}' cannot be built ({_first_line(error)})") from None
 
 
 def _layer(layer_config: dict, path: Path):
@@ -179,8 +297,10 @@ def _layer(layer_config: dict, path: Path):
     try:
         cls = _MANN_CLASSES.get(class_name) or getattr(keras.layers, class_name)
         return cls.from_config(config)
-    except (TypeError, ValueError) as error:
-        raise LegacyFormatError(f"{path}: layer '{name}' ({class_name}) has a config mann-edge cannot use: {error}") from None
+    except Exception as error:  # Keras raises many kinds for a config it cannot take
+        raise LegacyFormatError(
+            f"{path}: layer '{name}' ({class_name}) has a config mann-edge cannot use: {_first_line(error)}"
+        ) from None
 
 
 def _load_weights(model, group, path: Path) -> None:

@@ -21,6 +21,8 @@ from typing import Mapping
 
 import numpy as np
 
+from mann_edge import safe_json
+
 __all__ = ["encode", "decode", "MAX_HEADER_BYTES"]
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -71,10 +73,7 @@ def decode(blob: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     (header_size,) = struct.unpack("<Q", view[:8])
     if header_size > min(MAX_HEADER_BYTES, len(view) - 8):
         raise ValueError(f"safetensors header claims {header_size} bytes but the data has {len(view) - 8}")
-    try:
-        header = json.loads(bytes(view[8 : 8 + header_size]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"safetensors header is not valid JSON ({error})") from None
+    header = safe_json.loads(bytes(view[8 : 8 + header_size]), "safetensors header")
     if not isinstance(header, dict):
         raise ValueError("safetensors header must be a JSON object")
     metadata = header.pop("__metadata__", {}) or {}

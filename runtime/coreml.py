@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -33,6 +32,7 @@ from typing import Mapping
 
 import numpy as np
 
+from mann_edge import safe_json
 from mann_edge.bundle import export_of, export_task_order, tasks_from_manifest
 from mann_edge.errors import BundleError, MannEdgeError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASKS
@@ -210,9 +210,9 @@ def _metadata(ct, package: Path) -> Mapping[str, str]:
 
 def _json(text: str, package: Path, key: str):
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise BundleError(f"Core ML package {package}: metadata '{key}' is not valid JSON ({error})") from None
+        return safe_json.loads(text, f"metadata '{key}'")
+    except ValueError as error:
+        raise BundleError(f"Core ML package {package}: {error}") from None
 
 
 def _package_task(entry, package: Path) -> PackageTask:

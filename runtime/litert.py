@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap
 import os
 import sys
@@ -32,6 +31,7 @@ from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
+from mann_edge import safe_json
 from mann_edge.bundle import tasks_from_manifest
 from mann_edge.errors import MannEdgeError
 from mann_edge.formats import METADATA_MANIFEST, METADATA_USE_XNNPACK
@@ -169,9 +169,9 @@ def _manifest_of(path: "str | os.PathLike", metadata: dict[str, bytes]) -> dict:
             f"export (its metadata: {sorted(metadata) or 'none'}); export it with mann_edge.converters.tflite"
         )
     try:
-        return json.loads(metadata[METADATA_MANIFEST].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MannEdgeError(f"{path}: metadata entry '{METADATA_MANIFEST}' is not valid JSON ({error})") from None
+        return safe_json.loads(metadata[METADATA_MANIFEST], f"metadata entry '{METADATA_MANIFEST}'")
+    except ValueError as error:
+        raise MannEdgeError(f"{path}: {error}") from None
 
 
 def xnnpack_recorded(metadata: dict[str, bytes]) -> bool:

@@ -22,13 +22,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 from pathlib import Path
 
 import numpy as np
 
+from mann_edge import safe_json
 from mann_edge.bundle import export_of, export_task_order, tasks_from_manifest
 from mann_edge.errors import BundleError, MannEdgeError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_TASK
@@ -154,9 +154,9 @@ def read_manifest(path: "str | os.PathLike") -> tuple[dict, dict[str, str]]:
                 f"(its metadata: {sorted(metadata) or 'none'}); export it with mann_edge.converters.onnx"
             )
     try:
-        manifest = json.loads(metadata[METADATA_MANIFEST])
-    except json.JSONDecodeError as error:
-        raise MannEdgeError(f"{path}: metadata entry '{METADATA_MANIFEST}' is not valid JSON ({error})") from None
+        manifest = safe_json.loads(metadata[METADATA_MANIFEST], f"metadata entry '{METADATA_MANIFEST}'")
+    except ValueError as error:
+        raise MannEdgeError(f"{path}: {error}") from None
     return manifest, metadata
 
 

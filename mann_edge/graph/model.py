@@ -10,15 +10,15 @@ its outputs; running a task touches nothing else.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from mann_edge.errors import TaskError
 from mann_edge.sparse import CSRWeight, weight_nbytes, weight_nnz
 
-__all__ = ["TensorSpec", "Node", "Task", "CompactModel", "find_task"]
+__all__ = ["TensorSpec", "Node", "Task", "CompactModel", "find_task", "embedding_rows", "with_id_limits"]
 
 DTYPES = ("float32", "float16", "int32", "int64")
 
@@ -90,6 +90,8 @@ class Task:
     """A task: the graph inputs it reads, its outputs and the tensors that hold them.
 
     ``labels`` optionally names the classes of an output (output name -> class names).
+    ``id_limits`` maps an integer input read by embedding tables to the rows of the smallest
+    of them: ids must be below it (derived from the graph, see `with_id_limits`; not stored).
     """
 
     name: str
@@ -97,6 +99,7 @@ class Task:
     outputs: tuple[TensorSpec, ...]
     output_tensors: tuple[str, ...]
     labels: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    id_limits: Mapping[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -130,8 +133,8 @@ class CompactModel:
     ):
         self.inputs = tuple(inputs)
         self.nodes = tuple(nodes)
-        self.tasks = tuple(tasks)
         self.weights = dict(weights)
+        self.tasks = with_id_limits(tasks, embedding_rows(self.nodes, lambda key: tuple(self.weights[key].shape)))
         self.provenance = dict(provenance or {})
         self._nodes_by_name = {node.name: node for node in self.nodes}
         self._executors: dict[str, object] = {}
@@ -266,6 +269,26 @@ class CompactModel:
 
 def _shape(weight) -> tuple[int, ...]:
     return tuple(weight.shape)
+
+
+def embedding_rows(nodes: Iterable[Node], weight_shape: Callable[[str], tuple]) -> dict[str, int]:
+    """Tensor name -> rows of the smallest embedding table that reads it (the ids it may hold).
+
+    ``weight_shape(key)`` gives a weight's shape (from the weights, or from a manifest's entries).
+    """
+    rows: dict[str, int] = {}
+    for node in nodes:
+        if node.op == "embedding" and node.inputs and "table" in node.weights:
+            shape = weight_shape(node.weights["table"])
+            if shape:
+                rows[node.inputs[0]] = min(rows.get(node.inputs[0], shape[0]), shape[0])
+    return rows
+
+
+def with_id_limits(tasks: Iterable[Task], rows: Mapping[str, int]) -> tuple[Task, ...]:
+    """``tasks`` with their `Task.id_limits` set from `embedding_rows`."""
+    return tuple(replace(task, id_limits={spec.name: rows[spec.name] for spec in task.inputs if spec.name in rows})
+                 for task in tasks)
 
 
 def find_task(tasks: Sequence[Task], name: str, where: str) -> Task:

@@ -1,8 +1,13 @@
 """The compact model's ops in plain numpy: the reference every backend and export is checked against.
 
-One small class per op, registered by its type name. The base class checks
-weights and arity when a node is bound, and names the op and node when a run
-fails. Adding an op touches its class here and one lowering per format.
+One small class per op, registered by its type name. Each class declares what a node
+of it may be: its weight roles, its number of inputs, its attributes (`attributes`, see
+`mann_edge.graph.schema`) and how its output shape follows from its inputs' and weights'
+shapes (`infer`), with the temporary arrays a run of it makes (`temporaries`). A bundle
+is checked against these declarations when it loads (`mann_edge.graph.plan`), so no op,
+and no compiled kernel of the runtime, ever runs on inconsistent shapes. The base class
+checks weights, arity and attributes when a node is bound, and names the op and node
+when a run fails. Adding an op touches its class here and one lowering per format.
 
 Tensors are channels-last (NHWC) as in Keras. Values compute in float32, also
 when weights are stored as float16.
@@ -10,18 +15,23 @@ when weights are stored as float16.
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+import math
+from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from mann_edge.errors import InputError
+from mann_edge.graph import schema
 from mann_edge.graph.activations import apply_activation, normalize_activation
 from mann_edge.graph.model import Node
-from mann_edge.graph.windows import conv_windows
+from mann_edge.graph.windows import PADDINGS, conv_windows, output_sizes, window_pads
 from mann_edge.registry import Registry
 from mann_edge.sparse import CSRWeight
 
-__all__ = ["Op", "OPS", "register", "bind"]
+__all__ = ["Op", "OPS", "register", "bind", "Shape"]
+
+# A tensor's shape as far as it is known: None where a size is left to the caller (the batch).
+Shape = tuple
 
 OPS = Registry("op", owner="The reference executor", verb="run", error=ValueError)
 
@@ -51,23 +61,26 @@ class Op:
 
     Subclasses set ``type``, the weight roles they need (``weights``) or may have
     (``optional_weights``), their number of inputs (``arity``, None for one or more),
-    and implement ``_run``. ``prepare`` turns stored weights into what ``_run`` uses.
+    their attributes (``attributes``), and implement ``infer`` and ``_run``. ``prepare``
+    turns stored weights into what ``_run`` uses; ``self.attrs`` holds the checked
+    attributes with their defaults.
     """
 
     type: ClassVar[str]
     weights: ClassVar[tuple[str, ...]] = ()
     optional_weights: ClassVar[tuple[str, ...]] = ()
     arity: ClassVar[int | None] = 1
+    attributes: ClassVar[Mapping[str, schema.Attr]] = {}
 
     def __init__(self, node: Node, weights: Mapping[str, "np.ndarray | CSRWeight"]):
-        self.check(node)
+        self.attrs = self.check(node)
         self.node = node
-        self.attrs = dict(node.attrs)
         self.prepare(dict(weights))
 
     @classmethod
-    def check(cls, node: Node) -> None:
-        """ValueError unless ``node`` has the weight roles and number of inputs this op takes."""
+    def check(cls, node: Node) -> dict:
+        """``node``'s attributes checked, defaults filled in; ValueError unless it has the weight roles,
+        number of inputs and attributes this op takes."""
         roles = set(node.weights)
         missing = set(cls.weights) - roles
         unknown = roles - set(cls.weights) - set(cls.optional_weights)
@@ -81,6 +94,20 @@ class Op:
             raise ValueError(f"Op {cls.type} (node '{node.name}') takes {cls.arity} input(s). Received: {len(node.inputs)}")
         if cls.arity is None and not node.inputs:
             raise ValueError(f"Op {cls.type} (node '{node.name}') takes at least one input. Received: none")
+        return schema.check_attrs(cls.attributes, node.attrs, cls.type, node.name)
+
+    @classmethod
+    def infer(cls, attrs: Mapping, inputs: Sequence[Shape], weights: Mapping[str, "np.ndarray | CSRWeight"]) -> Shape:
+        """The output shape for inputs of ``inputs`` shapes (None: any size); ValueError naming what does not fit.
+
+        ``attrs`` are the checked attributes (`check`), ``weights`` the node's weights by role.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def temporaries(cls, attrs: Mapping, inputs: Sequence[Shape], output: Shape, weights: Mapping) -> dict[str, int]:
+        """Bytes of the largest arrays a run makes besides its output (by what they are), where the shapes tell."""
+        return {}
 
     def prepare(self, weights: dict) -> None:
         """Keeps every weight as a dense float32 (or integer) array under its role name."""
@@ -108,6 +135,97 @@ def _activate(y: np.ndarray, attrs: Mapping) -> np.ndarray:
     return apply_activation(y, normalize_activation(attrs.get("activation")))
 
 
+# -- shape rules -----------------------------------------------------------------------------------
+# Each raises ValueError("...") with what was expected and what came; `mann_edge.graph.plan` adds the
+# op and node. A None size matches any size.
+
+
+def _same(a, b) -> bool:
+    return a is None or b is None or a == b
+
+
+def _rank(shape: Shape, ranks, what: str = "input") -> None:
+    if len(shape) not in ranks:
+        expected = " or ".join(str(r) for r in ranks) if len(ranks) < 4 else f"at least {min(ranks)}"
+        raise ValueError(f"expected a rank-{expected} {what}, got shape {_text(shape)}")
+
+
+def _text(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def _weight_shape(weights: Mapping, role: str, rank: int) -> tuple[int, ...]:
+    shape = tuple(weights[role].shape)
+    if len(shape) != rank:
+        raise ValueError(f"weight '{role}' must be rank {rank}, got shape {list(shape)}")
+    return shape
+
+
+def _kernel_shape(weights: Mapping, rank: int) -> tuple[int, ...]:
+    """The kernel's shape; a CSR kernel must be stored as (outputs, inputs) rows, which the kernels multiply by."""
+    kernel = weights["kernel"]
+    if isinstance(kernel, CSRWeight) and kernel.layout != "oi":
+        raise ValueError(f"a CSR kernel must have layout 'oi', got {kernel.layout!r}")
+    return _weight_shape(weights, "kernel", rank)
+
+
+def _bias(weights: Mapping, channels: int) -> None:
+    """The bias (if any) must hold one value per output channel: the compiled kernels read ``bias[i]`` unchecked."""
+    if weights.get("bias") is not None and tuple(weights["bias"].shape) != (channels,):
+        raise ValueError(f"bias must have shape [{channels}] (one value per output channel), "
+                         f"got {list(weights['bias'].shape)}")
+
+
+def _activated(shape: Shape, activation: Mapping) -> Shape:
+    """The shape after ``activation``: its axis must exist, and glu halves that axis (which must be even)."""
+    if "axis" not in activation:
+        return shape
+    axis = activation["axis"]
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"activation {activation['name']!r} axis {axis} is outside a rank-{len(shape)} tensor")
+    if activation["name"] != "glu":
+        return shape
+    axis %= len(shape)
+    size = shape[axis]
+    if size is not None and size % 2:
+        raise ValueError(f"activation 'glu' splits axis {axis} in two halves; its size {size} is odd")
+    return shape[:axis] + (None if size is None else size // 2,) + shape[axis + 1:]
+
+
+def _window_output(attrs: Mapping, x: Shape, kernel: tuple[int, int], dilation=(1, 1)) -> tuple:
+    """(Ho, Wo) of a window sliding over NHWC ``x``, None where H or W is not known; ValueError for an empty output."""
+    sizes = []
+    for axis, size in ((1, x[1]), (2, x[2])):
+        if size is None:
+            sizes.append(None)
+            continue
+        (out,) = output_sizes(attrs["padding"], (size,), (kernel[axis - 1],), (attrs["strides"][axis - 1],),
+                              (dilation[axis - 1],))
+        if out < 1:
+            raise ValueError(f"a window of {kernel} taps (dilation {tuple(dilation)}) does not fit an input of "
+                             f"shape {_text(x)} with padding {attrs['padding']!r}")
+        sizes.append(out)
+    return tuple(sizes)
+
+
+def _window_temporaries(attrs: Mapping, x: Shape, out: Shape, kernel, dilation=(1, 1)) -> dict[str, int]:
+    """What sliding a window allocates: the padded input, the gathered windows and (the runtime's) their index."""
+    n, h, w, c = x
+    if None in (n, h, w, c) or None in out:
+        return {}
+    (top, bottom), (left, right) = window_pads(attrs["padding"], (h, w), kernel, attrs["strides"], dilation)
+    cells = out[1] * out[2] * int(kernel[0]) * int(kernel[1]) * c
+    return {
+        "padded input": 4 * n * (h + top + bottom) * (w + left + right) * c,
+        "windows": 4 * n * cells,
+        "window index": 8 * cells,
+    }
+
+
+_ACTIVATION = {"activation": schema.activation()}
+_WINDOW = {"strides": schema.ints(2), "padding": schema.one_of(PADDINGS)}
+
+
 @register
 class Dense(Op):
     """``activation(x @ kernel + bias)`` over the last axis; kernel (in, out)."""
@@ -115,6 +233,17 @@ class Dense(Op):
     type = "dense"
     weights = ("kernel",)
     optional_weights = ("bias",)
+    attributes = _ACTIVATION
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _rank(x, range(2, 9))
+        units_in, units = _kernel_shape(weights, 2)
+        if not _same(x[-1], units_in):
+            raise ValueError(f"kernel {[units_in, units]} takes {units_in} input features, the input has shape {_text(x)}")
+        _bias(weights, units)
+        return _activated(x[:-1] + (units,), attrs["activation"])
 
     def _run(self, x):
         y = np.matmul(x.astype(np.float32, copy=False), self.kernel)
@@ -130,6 +259,24 @@ class Conv2D(Op):
     type = "conv2d"
     weights = ("kernel",)
     optional_weights = ("bias",)
+    attributes = {**_WINDOW, "dilation": schema.ints(2, default=(1, 1)), **_ACTIVATION}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _rank(x, (4,))
+        kh, kw, cin, cout = _kernel_shape(weights, 4)
+        if not _same(x[3], cin):
+            raise ValueError(f"kernel {[kh, kw, cin, cout]} takes {cin} input channels, the input has shape {_text(x)}")
+        if min(kh, kw, cin, cout) < 1:
+            raise ValueError(f"kernel shape {[kh, kw, cin, cout]} has an empty axis")
+        _bias(weights, cout)
+        ho, wo = _window_output(attrs, x, (kh, kw), attrs["dilation"])
+        return _activated((x[0], ho, wo, cout), attrs["activation"])
+
+    @classmethod
+    def temporaries(cls, attrs, inputs, output, weights):
+        return _window_temporaries(attrs, inputs[0], output, weights["kernel"].shape[:2], attrs["dilation"])
 
     def _run(self, x):
         kh, kw, cin, cout = self.kernel.shape
@@ -140,7 +287,7 @@ class Conv2D(Op):
             (kh, kw),
             self.attrs["strides"],
             self.attrs["padding"],
-            self.attrs.get("dilation", (1, 1)),
+            self.attrs["dilation"],
         )
         n, ho, wo = windows.shape[:3]
         y = windows.reshape(n * ho * wo, kh * kw * cin) @ self.kernel.reshape(kh * kw * cin, cout)
@@ -150,8 +297,25 @@ class Conv2D(Op):
         return _activate(y, self.attrs)
 
 
+class _Pool(Op):
+    """What the two pools share: their attributes and shapes."""
+
+    attributes = {"pool_size": schema.ints(2), **_WINDOW}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _rank(x, (4,))
+        ho, wo = _window_output(attrs, x, attrs["pool_size"])
+        return (x[0], ho, wo, x[3])
+
+    @classmethod
+    def temporaries(cls, attrs, inputs, output, weights):
+        return _window_temporaries(attrs, inputs[0], output, attrs["pool_size"])
+
+
 @register
-class MaxPool2D(Op):
+class MaxPool2D(_Pool):
     """NHWC max pooling."""
 
     type = "max_pool2d"
@@ -162,7 +326,7 @@ class MaxPool2D(Op):
 
 
 @register
-class AvgPool2D(Op):
+class AvgPool2D(_Pool):
     """NHWC average pooling; with 'same' padding the padded cells are not counted (as in TensorFlow)."""
 
     type = "avg_pool2d"
@@ -174,14 +338,34 @@ class AvgPool2D(Op):
         return (windows.sum(axis=(3, 4)) / counts.sum(axis=(3, 4))).astype(x.dtype)
 
 
+def _axes(axes: list) -> bool:
+    return 0 < len(axes) == len(set(axes)) and all(0 < a < 8 for a in axes)
+
+
 @register
 class GlobalAvgPool(Op):
     """Mean over ``axes`` (e.g. [1] for sequences, [1, 2] for images), optionally keeping them."""
 
     type = "global_avg_pool"
+    attributes = {"axes": schema.int_list("distinct axes in [1, 7] (not the batch)", _axes),
+                  "keepdims": schema.boolean(default=False)}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        axes = attrs["axes"]
+        if max(axes) >= len(x):
+            raise ValueError(f"axes {axes} are outside an input of shape {_text(x)}")
+        if attrs["keepdims"]:
+            return tuple(1 if i in axes else d for i, d in enumerate(x))
+        return tuple(d for i, d in enumerate(x) if i not in axes)
 
     def _run(self, x):
-        return np.mean(x, axis=tuple(self.attrs["axes"]), keepdims=bool(self.attrs.get("keepdims", False)))
+        return np.mean(x, axis=tuple(self.attrs["axes"]), keepdims=self.attrs["keepdims"])
+
+
+def _product(dims) -> "int | None":
+    return None if any(d is None for d in dims) else math.prod(dims)
 
 
 @register
@@ -190,8 +374,18 @@ class Flatten(Op):
 
     type = "flatten"
 
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _rank(x, range(2, 9))
+        return (x[0], _product(x[1:]))
+
     def _run(self, x):
         return x.reshape(x.shape[0], -1)
+
+
+def _target_shape(shape: list) -> bool:
+    return 0 < len(shape) and all(d >= 1 or d == -1 for d in shape) and shape.count(-1) <= 1
 
 
 @register
@@ -199,6 +393,22 @@ class Reshape(Op):
     """(N, ...) -> (N, *shape); ``shape`` may hold one -1."""
 
     type = "reshape"
+    attributes = {"shape": schema.int_list("a list of positive ints with at most one -1", _target_shape)}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _rank(x, range(1, 9))
+        target = list(attrs["shape"])
+        size, known = _product(x[1:]), math.prod(d for d in target if d != -1)
+        if size is not None:
+            if -1 in target:
+                if size % known:
+                    raise ValueError(f"cannot reshape {_text(x)} to {target}: {size} values per example")
+                target[target.index(-1)] = size // known
+            elif size != known:
+                raise ValueError(f"cannot reshape {_text(x)} to {target}: {size} values per example, {known} wanted")
+        return (x[0], *(None if d == -1 else d for d in target))
 
     def _run(self, x):
         return x.reshape(x.shape[0], *self.attrs["shape"])
@@ -211,18 +421,34 @@ class Embedding(Op):
     type = "embedding"
     weights = ("table",)
 
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (ids,) = inputs
+        _rank(ids, range(1, 8))
+        _, dim = _weight_shape(weights, "table", 2)
+        return (*ids, dim)
+
     def _run(self, ids):
         ids = np.asarray(ids)
         if np.issubdtype(ids.dtype, np.floating):
             if not np.all(np.isfinite(ids)) or np.any(ids != np.round(ids)):
                 raise InputError(f"Embedding '{self.node.name}' takes integer ids. Received non-integer values.")
-        ids = ids.astype(np.int64)
         vocab = self.table.shape[0]
+        # the range is checked before any cast: a cast would wrap ids past int64 (uint64) into the table
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise InputError(
                 f"Embedding '{self.node.name}' ids must be in [0, {vocab}). Received: min {ids.min()}, max {ids.max()}"
             )
-        return self.table[ids].astype(np.float32, copy=False)
+        return self.table[ids.astype(np.int64)].astype(np.float32, copy=False)
+
+
+def _merge(shapes: Sequence[Shape], skip: int | None = None) -> Shape:
+    """One shape from shapes that must agree (except on axis ``skip``); ValueError naming them otherwise."""
+    first = shapes[0]
+    for other in shapes[1:]:
+        if len(other) != len(first) or not all(_same(a, b) for i, (a, b) in enumerate(zip(first, other)) if i != skip):
+            raise ValueError(f"inputs of shapes {', '.join(_text(s) for s in shapes)} do not agree")
+    return tuple(next((s[i] for s in shapes if s[i] is not None), None) for i in range(len(first)))
 
 
 @register
@@ -231,6 +457,10 @@ class Add(Op):
 
     type = "add"
     arity = None
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        return _merge(inputs)
 
     def _run(self, *xs):
         total = xs[0]
@@ -245,6 +475,16 @@ class Concat(Op):
 
     type = "concat"
     arity = None
+    attributes = {"axis": schema.integer(1, 7)}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        axis = attrs["axis"]
+        if any(len(x) <= axis for x in inputs):
+            raise ValueError(f"axis {axis} is outside inputs of shapes {', '.join(_text(x) for x in inputs)}")
+        merged = _merge(inputs, skip=axis)
+        sizes = [x[axis] for x in inputs]
+        return merged[:axis] + (None if None in sizes else sum(sizes),) + merged[axis + 1:]
 
     def _run(self, *xs):
         return np.concatenate(xs, axis=self.attrs["axis"])
@@ -257,6 +497,16 @@ class ScaleShift(Op):
     type = "scale_shift"
     weights = ("scale", "shift")
 
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _rank(x, range(2, 9))
+        for role in cls.weights:
+            if tuple(weights[role].shape) != (x[-1],) and not (x[-1] is None and len(weights[role].shape) == 1):
+                raise ValueError(f"weight '{role}' must have shape [{x[-1]}] (one value per channel of the input "
+                                 f"{_text(x)}), got {list(weights[role].shape)}")
+        return x
+
     def _run(self, x):
         return x * self.scale + self.shift
 
@@ -267,6 +517,21 @@ class LayerNorm(Op):
 
     type = "layer_norm"
     optional_weights = ("gamma", "beta")
+    attributes = {"axes": schema.int_list("distinct axes in [1, 7] (not the batch)", _axes),
+                  "epsilon": schema.number(minimum=0.0)}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        axes = attrs["axes"]
+        if max(axes) >= len(x):
+            raise ValueError(f"axes {axes} are outside an input of shape {_text(x)}")
+        size = _product([x[a] for a in axes])
+        for role in cls.optional_weights:
+            if weights.get(role) is not None and size is not None and math.prod(weights[role].shape) != size:
+                raise ValueError(f"weight '{role}' must hold {size} values (the input's axes {axes} of "
+                                 f"{_text(x)}), got shape {list(weights[role].shape)}")
+        return x
 
     def _run(self, x):
         axes = tuple(self.attrs["axes"])
@@ -288,6 +553,11 @@ class Activation(Op):
     """An activation on its own (``attrs["activation"]``)."""
 
     type = "activation"
+    attributes = _ACTIVATION
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        return _activated(inputs[0], attrs["activation"])
 
     def _run(self, x):
         return _activate(x, self.attrs)
@@ -298,6 +568,10 @@ class ZerosLike(Op):
     """Zeros shaped like the input: a `FilterLayer` that is off."""
 
     type = "zeros_like"
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        return inputs[0]
 
     def _run(self, x):
         return np.zeros_like(x, dtype=np.float32)
