@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from mann_edge import interrupts
 from mann_edge.converters.validation import ValidationReport
-from mann_edge.errors import ConversionError, OutputExistsError
-from mann_edge.files import check_writable_dir
+from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError
+from mann_edge.files import check_writable_dir, staged_output
 from mann_edge.formats import EXPORT_FORMATS, FORMATS, detect_format, get_format
 from mann_edge.graph.model import CompactModel
 from mann_edge.sources import load_source
@@ -59,18 +60,30 @@ class ConvertResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def format_table(self) -> str:
-        """The tables `mann-edge convert` prints: per task and format, then per file."""
+        """The tables `mann-edge convert` prints: per task and format, then per file.
+
+        A row whose ``pays`` is False (the task's bytes in that format are not below its dense
+        float32 bytes: its sparsity is too low to pay for the sparse encoding and the file's
+        overhead) is marked ``!`` and the task named below the table with what to do.
+        """
         header = f"{'task':<16} {'format':<8} {'nonzeros':>10} {'bytes':>12} {'vs dense':>9} {'max error':>10}"
         lines = [header, "-" * len(header)]
         for row in self.table:
             error = "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
             share = "*" if row["shared"] else " "
+            flag = "" if row.get("pays", True) else "  !"
             lines.append(
                 f"{row['task']:<16} {row['format']:<8} {row['nonzeros']:>10,} {row['bytes']:>11,}{share} "
-                f"{100 * row['ratio']:>8.1f}% {error:>10}"
+                f"{100 * row['ratio']:>8.1f}% {error:>10}{flag}"
             )
         if any(row["shared"] for row in self.table):
             lines.append("* the task's share of a file holding every task (each weight split among the tasks reading it)")
+        unpaid = [row for row in self.table if not row.get("pays", True)]
+        for task in dict.fromkeys(row["task"] for row in unpaid):
+            rows = [row for row in unpaid if row["task"] == task]
+            lines.append(f"! {task}: its sparsity is too low to pay in {', '.join(r['format'] for r in rows)} "
+                         f"(density {100 * rows[0]['density']:.0f} %; file overhead included, no smaller than its "
+                         "dense float32 weights). Prune it further (see its RSN2 summary), or keep it dense")
         lines += ["", f"{'file':<34} {'bytes':>12} {'vs dense':>9}", "-" * 57]
         for row in self.files:
             lines.append(f"{row['file']:<34} {row['bytes']:>12,} {100 * row['ratio']:>8.1f}%")
@@ -155,6 +168,9 @@ def convert(
     options = {name: dict(value) for name, value in (options or {}).items()}
     formats = list(dict.fromkeys([BUNDLE, *formats]))
     check_options(formats, dtype, options)
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
+        # Path("") is the current directory: an empty value is a mistake, not a choice of directory
+        raise ConversionError(f"out_dir must name a directory. Received: {out_dir!r}")
     out_dir = Path(out_dir)
     if out_dir.exists():
         check_writable_dir(out_dir)
@@ -162,34 +178,57 @@ def convert(
 
     steps = len(paths) + 1
     say(f"[1/{steps}] loading {source if isinstance(source, (str, os.PathLike)) else type(source).__name__}")
-    model = load_source(source, task_names, strict=strict)
-    if tasks:
-        model = model.select_tasks(tasks)
-    made_dir = not out_dir.exists()
-    check_writable_dir(out_dir, create=True)
-    result = ConvertResult(out_dir, model)
-    try:
-        for step, (name, path) in enumerate(paths.items(), start=2):
-            say(f"[{step}/{steps}] {name}: writing {path}")
-            module = get_format(name).converter_module()
-            start = time.perf_counter()
-            format_dtype = dtype if dtype in FORMATS[name].dtypes else "float32"
-            module.export(model, path, dtype=format_dtype, force=force, **options.get(name, {}))
-            result.seconds[name] = time.perf_counter() - start
-            result.artifacts[name] = path
-            if verify:
-                report = result.reports[name] = module.validate(model, path)
-                say(f"    verified {len(model.tasks)} task(s): max error {report.max_abs_error:.2e}"
-                    + ("" if report.ok else " MISMATCH"))
-                report.raise_for_errors()
-    except BaseException:
-        for path in result.artifacts.values():
-            _remove(path)
-        if made_dir:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    with interrupts.honoured():
+        model = load_source(source, task_names, strict=strict)
+        if tasks:
+            model = model.select_tasks(tasks)
+        interrupts.check()
+        made_dir = not out_dir.exists()
+        check_writable_dir(out_dir, create=True)
+        result = ConvertResult(out_dir, model)
+        try:
+            for step, (name, path) in enumerate(paths.items(), start=2):
+                say(f"[{step}/{steps}] {name}: writing {path}")
+                _export_verified(model, name, path, result, dtype=dtype, force=force, verify=verify,
+                                 options=options.get(name, {}), say=say)
+        except BaseException:
+            for path in result.artifacts.values():
+                _remove(path)
+            if made_dir:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
     result.table, result.files = _tables(model, result)
     return result
+
+
+def _export_verified(model: CompactModel, name: str, path: Path, result: ConvertResult, *, dtype: str, force: bool,
+                     verify: bool, options: Mapping, say: Callable[[str], None]) -> None:
+    """Exports ``model`` as format ``name`` to a staging path beside ``path``, verifies what is there, then renames it.
+
+    So a file under its final name has always passed verification: a failure or an interrupt
+    (at any point, even one a library swallowed: `mann_edge.interrupts`) leaves only the
+    staging path, which is removed.
+    """
+    module = get_format(name).converter_module()
+    format_dtype = dtype if dtype in FORMATS[name].dtypes else "float32"
+    with staged_output(path, force=force) as staging:
+        start = time.perf_counter()
+        module.export(model, staging, dtype=format_dtype, **options)
+        result.seconds[name] = time.perf_counter() - start
+        interrupts.check()
+        if verify:
+            try:
+                report = module.validate(model, staging)
+            except MannEdgeError as error:  # name the artifact as the caller knows it, not the staging path
+                raise type(error)(str(error).replace(str(staging), str(path))) from None
+            report.artifact = str(path)
+            result.reports[name] = report
+            say(f"    verified {len(model.tasks)} task(s): max error {report.max_abs_error:.2e}"
+                + ("" if report.ok else " MISMATCH"))
+            report.raise_for_errors()
+        interrupts.check()
+        # renamed when the block ends; from here the artifact is this call's to remove on a later failure
+        result.artifacts[name] = path
 
 
 def verify(artifact: "str | os.PathLike", against, *, tasks: Sequence[str] | None = None,
@@ -285,6 +324,9 @@ def _tables(model: CompactModel, result: ConvertResult) -> tuple[list[dict], lis
                 "ratio": size / dense if dense else float("nan"),
                 "shared": task not in own_files,
                 "max_error": max(errors) if errors else None,
+                # Sparsity pays when the task's stored bytes are below its dense float32 bytes.
+                "pays": bool(dense) and size < dense,
+                "density": stats[task]["density"],
             })
     rows.sort(key=lambda row: model.task_names.index(row["task"]))
     return rows, files

@@ -33,7 +33,7 @@ from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
 from mann_edge.registry import Registry
 from mann_edge.sparse import encode_weight
 
-__all__ = ["compact", "MaskOverlapWarning", "mask_overlaps", "task_usage", "TaskUsage"]
+__all__ = ["compact", "check_compactable", "MaskOverlapWarning", "mask_overlaps", "task_usage", "TaskUsage"]
 
 
 class MaskOverlapWarning(UserWarning):
@@ -599,3 +599,109 @@ def _task_names(model, task_names, count) -> list[str]:
         raise CompactionError(f"Task names must be unique and non-empty. Received: {names}")
     return names
 
+
+
+# -- checking before training --------------------------------------------------------------------
+
+# Layer classes that cannot be compacted -> the closest supported way to get the same effect.
+# Consulted by `check_compactable`; a class not listed gets the most similar supported name.
+ALTERNATIVES = {
+    "Conv1D": "Conv2D with a (1, k) kernel on a Reshape to (1, steps, channels)",
+    "Conv3D": "Conv2D (fold one spatial axis into channels with Reshape)",
+    "DepthwiseConv2D": "Conv2D (groups=1)",
+    "SeparableConv2D": "Conv2D (groups=1)",
+    "Conv2DTranspose": "Conv2D on an upsampled input, or Dense + Reshape",
+    "MaxPooling1D": "MaxPooling2D on a Reshape to (1, steps, channels)",
+    "AveragePooling1D": "AveragePooling2D on a Reshape to (1, steps, channels)",
+    "GlobalMaxPooling1D": "GlobalAveragePooling1D",
+    "GlobalMaxPooling2D": "GlobalAveragePooling2D",
+    "MultiMaxPool3D": "MultiMaxPool2D",
+    "UpSampling2D": "Dense + Reshape",
+    "ZeroPadding2D": "Conv2D with padding='same'",
+    "Cropping2D": "Reshape, or Conv2D with padding='valid'",
+    "Permute": "Reshape (when the order of the elements is kept)",
+    "PReLU": "LeakyReLU",
+    "GroupNormalization": "LayerNormalization",
+    "UnitNormalization": "LayerNormalization",
+    "Normalization": "normalising the inputs before the model, or BatchNormalization (folded)",
+    "Rescaling": "scaling the inputs before the model, or BatchNormalization (folded)",
+    "Subtract": "Add (of a negated branch) or Concatenate + Dense",
+    "Multiply": "Concatenate + Dense",
+    "Average": "Add, then a Dense scaled by 1/n",
+    "Maximum": "Concatenate + Dense",
+    "Minimum": "Concatenate + Dense",
+    "Lambda": "a built-in layer or an Activation layer of a named activation",
+    "SimpleRNN": "Flatten + Dense (or Embedding + GlobalAveragePooling1D)",
+    "LSTM": "Flatten + Dense (or Embedding + GlobalAveragePooling1D)",
+    "GRU": "Flatten + Dense (or Embedding + GlobalAveragePooling1D)",
+    "Bidirectional": "Flatten + Dense (or Embedding + GlobalAveragePooling1D)",
+    "MultiHeadAttention": "Dense layers (no attention op in the compact model)",
+    "RepeatVector": "Concatenate of the same tensor",
+}
+
+
+class _CheckingBuilder(_Builder):
+    """A `_Builder` that records node names only: checking lowers every layer without encoding any weight."""
+
+    def add(self, name, op, inputs, out, weights=None, attrs=None, layouts=None, slab=None) -> str:
+        return name
+
+
+def _closest_supported(layer) -> str:
+    """The supported layer to use instead of ``layer``'s class, from `ALTERNATIVES` or by name."""
+    name = type(layer).__name__
+    if name in ALTERNATIVES:
+        return ALTERNATIVES[name]
+    for base in type(layer).__mro__[1:]:
+        if base in LOWERINGS:  # a subclass of a supported class: it may compute something else
+            return f"{base.__name__} itself (subclasses are not compacted: they may compute something else)"
+    import difflib
+
+    close = difflib.get_close_matches(name, LOWERINGS.supported(), n=1, cutoff=0.0)
+    return close[0] if close else "one of the supported layers"
+
+
+def check_compactable(model) -> list[str]:
+    """Every reason ``model`` cannot be compacted (and so exported), one line per layer; empty when it can.
+
+    Each layer is lowered as `compact` would lower it, without encoding weights, so a
+    layer class with no lowering and a supported class with an unsupported setting
+    (``data_format``, ``groups``, a custom activation, ``mask_zero``...) are both listed,
+    every one of them, not only the first. A class with no lowering comes with the closest
+    supported alternative. RSN2 calls this before any training (`fit_rsn2`, `mask_model`).
+    Every op a compactable model lowers to has a lowering in every export format (the
+    parity tests check the formats' tables against the compact op registry).
+
+    Example:
+        >>> check_compactable(model)
+        ["layer 'seq' (LSTM): mann-edge cannot compact this layer type; closest supported: Flatten + Dense ..."]
+    """
+    try:
+        model = _functional(model)
+    except CompactionError as error:
+        return [str(error)]
+    problems: dict[str, str] = {}  # by layer name: a layer called twice is listed once
+    builder = _CheckingBuilder()
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            layer = node.operation
+            if isinstance(layer, keras.layers.InputLayer) or layer.name in problems:
+                continue
+            where = f"layer '{layer.name}' ({type(layer).__name__})"
+            if isinstance(layer, keras.Model):
+                problems[layer.name] = f"{where}: a nested model; call its layers directly in the outer model"
+                continue
+            lowering = LOWERINGS.get(type(layer))
+            if lowering is None:
+                problems[layer.name] = (f"{where}: mann-edge cannot compact this layer type; closest supported: "
+                                        f"{_closest_supported(layer)}")
+                continue
+            inputs = [f"in{i}" for i in range(len(node.arguments.keras_tensors))]
+            builder.layer = layer.name
+            try:
+                lowering(builder, layer, inputs, node.outputs, layer.name)
+            except CompactionError as error:
+                # Most lowering errors already name the layer; only those that do not get it in front.
+                named = f"'{layer.name}'" in str(error)
+                problems[layer.name] = str(error) if named else f"{where}: {error}"
+    return list(problems.values())

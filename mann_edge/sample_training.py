@@ -4,10 +4,14 @@ For each sample: a dense twin (same layers, same seed, each task trained on all 
 its own slab, nothing pruned) gives the dense test accuracy; then `fit_rsn2`
 trains and prunes the sample task by task towards 90 % per task. The record
 beside the model holds both test accuracies, RSN2's validation figures and the
-sparsity reached per task and per multitask layer. Data: scikit-learn's bundled
-digits and breast cancer sets and a generated sentiment corpus, split as
+sparsity reached per task (of its own positions) and per multitask layer, the
+step that stopped each task and why. Data: scikit-learn's bundled digits and
+breast cancer sets and a generated sentiment corpus, split as
 `mann_edge.samples.sample_data` does (nothing downloads). Seeds are fixed and
-TensorFlow runs with op determinism.
+TensorFlow runs with op determinism on one thread; with oneDNN limited to AVX2 too
+(`mann_edge.determinism.prepare_environment`, which `sample_models/train.py` and
+`mann-edge demo --train` call before TensorFlow loads), a rerun writes the same weights
+on one core or two, whatever the CPU's newest instruction set (`mann_edge.determinism`).
 """
 
 from __future__ import annotations
@@ -25,17 +29,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mann_edge import rsn2, samples
+from mann_edge import determinism, rsn2, samples
 from mann_edge.files import atomic_output
 from mann_edge.layers import MaskedConv2D, MaskedDense, MultiMaskedDense, SelectorLayer
 
-__all__ = ["build", "train_sample", "main", "RSN2"]
+__all__ = ["build", "build_permuted_digits", "train_dense_twin", "train_sample", "main", "RSN2", "PERMUTED_RSN2"]
 
 HIDDEN = 128
 EMBEDDING = 16
-# RSN2 settings, the same for every task of every sample.
-RSN2 = {"sparsity": 90, "step": 10, "tolerance": 0.02, "epochs": 30, "prune_epochs": 6, "batch_size": 32,
-        "learning_rate": 1e-3}
+# RSN2 settings, the same for every task of every sample (`fit_rsn2` arguments).
+RSN2 = {"sparsity": 90, "step": 10, "min_step": 2.5, "patience": 10, "tolerance": 0.02, "final_epochs": 20,
+        "epochs": 30, "batch_size": 32, "learning_rate": 1e-3}
 INIT = "glorot_uniform"
 
 
@@ -93,19 +97,59 @@ def build(name: str, seed: int = samples.SEED) -> keras.Model:
     return keras.Model(list(inputs), outputs, name=name)
 
 
+def build_permuted_digits(tasks: int = 3, hidden: int = 256, seed: int = samples.SEED) -> keras.Model:
+    """A MANN for `samples.permuted_digits`: per task, 64 pixels into its own dense layer; two shared MultiMaskedDense.
+
+    Then one softmax head per task. An MLP, since a permutation leaves no image to convolve.
+
+    Example:
+        >>> model = build_permuted_digits(3)
+        >>> model.output_names
+        ['permutation_0', 'permutation_1', 'permutation_2']
+    """
+    keras.utils.set_random_seed(seed)
+    names = [f"permutation_{task}" for task in range(tasks)]
+    inputs = [keras.Input((64,), name=f"{name}_pixels") for name in names]
+    features = [MaskedDense(hidden, activation="relu", kernel_initializer=INIT, name=f"{name}_dense")(x)
+                for name, x in zip(names, inputs)]
+    h = MultiMaskedDense(hidden, activation="relu", kernel_initializer=INIT, name="shared_1")(features)
+    h = MultiMaskedDense(hidden, activation="relu", kernel_initializer=INIT, name="shared_2")(h)
+    outputs = [MaskedDense(10, activation="softmax", kernel_initializer=INIT, name=name)(SelectorLayer(i)(h))
+               for i, name in enumerate(names)]
+    return keras.Model(inputs, outputs, name="permuted_digits")
+
+
+# RSN2 settings of the permuted-digits MANN (tests/test_rsn2.py, benchmarks/rsn2_three_tasks.py).
+PERMUTED_RSN2 = {"sparsity": 90, "step": 10, "min_step": 2.5, "patience": 10, "tolerance": 0.02, "final_epochs": 10,
+                 "epochs": 20, "batch_size": 32, "learning_rate": 1e-3}
+
+
 # -- training and measuring ----------------------------------------------------------------------
+
+
+def train_dense_twin(model: keras.Model, data: dict, *, epochs: int, batch_size: int, learning_rate: float,
+                     seed: int = samples.SEED) -> keras.Model:
+    """Trains every task of ``model`` (task -> TaskData, in output order) on its own full slabs, nothing pruned.
+
+    The accuracy RSN2 is compared with: the same model and epochs as RSN2's dense phase.
+
+    Example:
+        >>> model = build_permuted_digits(3)
+        >>> data = dict(zip(model.output_names, samples.permuted_digits(3)))
+        >>> dense = train_dense_twin(model, data, epochs=20, batch_size=32, learning_rate=1e-3)
+    """
+    done = []
+    for task, d in data.items():
+        rsn2.train_task(model, task, d.x_train, d.y_train, epochs=epochs, batch_size=batch_size,
+                        learning_rate=learning_rate, protect=done, seed=seed)
+        done.append(task)
+    return model
 
 
 def train_dense(name: str, data: dict) -> keras.Model:
     """The dense twin: each task trains on its own full slabs, nothing pruned (the accuracy to compare with)."""
-    model = build(name)
-    done = []
-    for task in samples.sample_tasks(name):
-        d = data[task]
-        rsn2.train_task(model, task, d.x_train, d.y_train, epochs=RSN2["epochs"], batch_size=RSN2["batch_size"],
-                        learning_rate=RSN2["learning_rate"], protect=done, seed=samples.SEED)
-        done.append(task)
-    return model
+    return train_dense_twin(build(name), {task: data[task] for task in samples.sample_tasks(name)},
+                            epochs=RSN2["epochs"], batch_size=RSN2["batch_size"], learning_rate=RSN2["learning_rate"])
 
 
 def multitask_sparsity(model: keras.Model, tasks) -> dict:
@@ -136,6 +180,9 @@ def train_sample(name: str, out_dir: Path, *, force: bool = False) -> dict:
             raise SystemExit(f"{path} already exists; pass --force to retrain and overwrite it")
     tasks = samples.sample_tasks(name)
     data = samples.sample_data(name)
+    # Before the first model is built (the thread count can be fixed only then) and before the dense twin,
+    # so both runs repeat bit for bit; `determinism` says what else decides the bits.
+    conditions = determinism.enable(threads=1)
     start = time.perf_counter()
 
     print(f"== {name}: dense twin", file=sys.stderr, flush=True)
@@ -161,11 +208,17 @@ def train_sample(name: str, out_dir: Path, *, force: bool = False) -> dict:
                 "test_samples": int(len(data[task].y_test)),
                 "test_accuracy_dense": dense_accuracy[task],
                 "test_accuracy_pruned": pruned_accuracy[task],
+                "val_samples": int(t.validation_samples),
                 "val_accuracy_dense": float(t.dense),
                 "val_accuracy_pruned": float(t.pruned),
-                "sparsity": float(t.sparsity) / 100,  # of all the task's masked kernel positions
-                "multitask_sparsity": layer_sparsity[task],
+                "tolerance": t.tolerance,
+                "target_sparsity": float(t.target) / 100,
+                "sparsity": float(t.sparsity) / 100,  # of the task's own masked kernel positions
+                "stopped": t.stopped,
+                "steps": [[s.start, s.sparsity, s.epochs, round(s.value, 6), s.kept] for s in t.steps],
+                "multitask_sparsity": layer_sparsity[task],  # of the whole slab, positions of other tasks included
                 "layer_sparsity": {layer: float(value) / 100 for layer, value in t.layers.items()},
+                "warnings": list(t.warnings),
             }
             for task, t in zip(tasks, report.tasks)
         },
@@ -174,6 +227,7 @@ def train_sample(name: str, out_dir: Path, *, force: bool = False) -> dict:
                           f"random_state={samples.SEED} (mann_edge.samples.sample_data)"},
         "rsn2": dict(RSN2),
         "seed": samples.SEED,
+        "determinism": conditions,  # op determinism, fixed threads, oneDNN's ISA (mann_edge.determinism)
         "train_seconds": round(seconds, 1),
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
@@ -185,10 +239,6 @@ def train_sample(name: str, out_dir: Path, *, force: bool = False) -> dict:
     with atomic_output(record_path, force=force) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"== {name}: {seconds:.0f} s, {model_path.stat().st_size / 1e6:.2f} MB", file=sys.stderr, flush=True)
-    for task in tasks:
-        t = record["tasks"][task]
-        print(f"   {task:<10} test accuracy dense {t['test_accuracy_dense']:.4f}  pruned {t['test_accuracy_pruned']:.4f}"
-              f"  sparsity {t['sparsity']:.3f}  multitask {t['multitask_sparsity']}", file=sys.stderr)
     return record
 
 
@@ -198,9 +248,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=samples.SAMPLES_DIR, help="output directory")
     parser.add_argument("--force", action="store_true", help="overwrite existing samples")
     args = parser.parse_args(argv)
-    tf.config.experimental.enable_op_determinism()
     for name in args.only or list(samples.SAMPLES):
-        train_sample(name, args.out, force=args.force)
+        record = train_sample(name, args.out, force=args.force)
+        print("\n".join(samples.summary_lines(record)), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ __all__ = [
     "tokenize",
     "VOCABULARY",
     "TOKENS",
+    "summary_lines",
+    "ACCURACY_MARGIN",
+    "permuted_digits",
 ]
 
 SAMPLES_DIR = Path(__file__).parent / "samples_data"
@@ -62,6 +65,8 @@ SEED = 0
 TEST_SIZE = 0.25  # of each data set, held out for the recorded test accuracy
 VAL_SIZE = 0.2  # of the rest, for RSN2's keep-or-roll-back decisions
 CORPUS_SIZE = 3000
+# How far below its dense twin's test accuracy a pruned task may land before its summary flags it.
+ACCURACY_MARGIN = 0.01
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -162,6 +167,32 @@ def _sentiment(seed: int) -> TaskData:
 
 
 _TASK_DATA = {"digits": _digits, "cancer": _cancer, "sentiment": _sentiment}
+
+
+def permuted_digits(tasks: int = 3, seed: int = SEED) -> list[TaskData]:
+    """Digits as ``tasks`` tasks, each with its own fixed permutation of the 64 pixels (task 0 unpermuted).
+
+    The classic continual-learning benchmark (permuted MNIST) at scikit-learn's scale: the
+    same labels, a different input layout per task, so one MANN must hold a subnetwork per
+    task. Flattened pixels / 16 (float32, ``(n, 64)``), split as the samples are (stratified,
+    25 % test, then 20 % of the rest for validation) with ``seed``; permutations from
+    ``numpy.random.default_rng(seed + task)``.
+
+    Example:
+        >>> [task.x_test.shape for task in permuted_digits(2)]
+        [(450, 64), (450, 64)]
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.data / 16.0).astype(np.float32)
+    splits = _splits(pixels, digits.target.astype(np.int32), seed)
+    result = []
+    for task in range(tasks):
+        order = np.arange(64) if task == 0 else np.random.default_rng(seed + task).permutation(64)
+        x_train, y_train, x_val, y_val, x_test, y_test = splits
+        result.append(TaskData(x_train[:, order], y_train, x_val[:, order], y_val, x_test[:, order], y_test))
+    return result
 
 
 def sample_data(name: str, seed: int = SEED) -> dict[str, TaskData]:
@@ -298,3 +329,33 @@ def accuracy(model, task: str, x: np.ndarray, y: np.ndarray, *, batch_size: int 
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     predicted = keras.ops.convert_to_numpy(outputs[index]).argmax(axis=-1)
     return float((predicted == np.asarray(y)).mean())
+
+
+def summary_lines(record: dict) -> list[str]:
+    """Per task of a sample record: test accuracy dense vs pruned, sparsity vs target, why pruning stopped.
+
+    A task below its target sparsity, or more than `ACCURACY_MARGIN` below its dense twin's
+    test accuracy, gets a line saying so and what to try.
+
+    Example:
+        >>> print("\n".join(summary_lines(sample_record("vision_tabular"))))
+    """
+    lines = []
+    for task, t in record["tasks"].items():
+        drop = t["test_accuracy_dense"] - t["test_accuracy_pruned"]
+        target = t.get("target_sparsity", record["rsn2"]["sparsity"] / 100)
+        lines.append(f"  {task:<10} test accuracy dense {t['test_accuracy_dense']:.3f} -> pruned "
+                     f"{t['test_accuracy_pruned']:.3f} ({100 * (t['test_accuracy_pruned'] - t['test_accuracy_dense']):+.1f} "
+                     f"points, {t['test_samples']} test samples); "
+                     f"{100 * t['sparsity']:.1f}% of its own weights pruned (target {100 * target:.0f}%)")
+        if "stopped" in t:
+            lines.append(f"  {'':<10} pruning: {t['stopped']}; judged on {t['val_samples']} validation samples, "
+                         f"tolerance {t['tolerance']}")
+        lines += [f"  ! {warning}" for warning in t.get("warnings", ())]
+        if t["sparsity"] < target - 1e-9:
+            lines.append(f"  ! {task} is below its target sparsity: retrain with more patience, a larger tolerance "
+                         "or more validation data (sample_models/README.md)")
+        if drop > ACCURACY_MARGIN + 1e-9:
+            lines.append(f"  ! {task} lost {100 * drop:.1f} points of test accuracy to pruning, more than "
+                         f"{100 * ACCURACY_MARGIN:.0f}: retrain with a smaller tolerance or more patience")
+    return lines

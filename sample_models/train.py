@@ -12,6 +12,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from mann_edge import determinism  # noqa: E402  (imports nothing heavy)
+
+determinism.prepare_environment()  # oneDNN limited to AVX2 before TensorFlow loads: the same weights on every CPU
+
 from mann_edge.sample_training import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -25,6 +25,36 @@ def test_demo_takes_the_sample_through_every_format_and_predicts_each_task(tmp_p
         assert row[2] == row[3], row
     for task in tasks:
         assert any(line.split()[:2] == [task, "coreml"] for line in printed.splitlines())
+    summary = printed.split("\n\n")[0]  # per task: accuracy dense vs pruned, sparsity reached, why pruning stopped
+    assert summary.count("of its own weights pruned (target 90%)") == len(tasks)
+    assert summary.count("pruning: reached the target; judged on") == len(tasks)
+    assert "!" not in summary
+
+
+def test_demo_train_prepares_reproducible_kernels_and_prints_the_trained_summary(tmp_path, capsys, monkeypatch):
+    # The training itself is tested in test_rsn2 and by sample_models/train.py; here: what --train runs and prints.
+    import shutil
+
+    from mann_edge import determinism, sample_training
+
+    calls = []
+
+    def fake_train_sample(name, out_dir, *, force=False):
+        calls.append((name, out_dir, force))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(samples.sample_path(name), out_dir / f"{name}.keras")
+        record = samples.sample_record(name)
+        record["tasks"]["cancer"]["sparsity"] = 0.5  # as if cancer had stopped early
+        return record
+
+    monkeypatch.setattr(sample_training, "train_sample", fake_train_sample)
+    monkeypatch.setattr(determinism, "prepare_environment", lambda: calls.append("prepared") or True)
+    out = tmp_path / "demo"
+    assert main(["demo", "--train", "--out", str(out)]) == 0
+    assert calls[0] == "prepared" and calls[1] == ("vision_tabular", out, False)
+    printed = capsys.readouterr().out
+    assert "just trained in" in printed
+    assert "! cancer is below its target sparsity" in printed
 
 
 def test_demo_refuses_to_overwrite_an_earlier_run_without_force(tmp_path):
