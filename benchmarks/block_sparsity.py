@@ -184,7 +184,7 @@ def _datasets() -> dict:
     return {"digits": d, "cancer": c}  # each: x_train, x_test, y_train, y_test
 
 
-def measure_accuracy(block_sizes, *, epochs: int, prune_epochs: int, tolerance: float) -> dict:
+def measure_accuracy(block_sizes, *, epochs: int, patience: int, tolerance: float) -> dict:
     """fit_rsn2 once per block size at the same target sparsity; test accuracy and reached sparsity per task."""
     from mann_edge import rsn2
 
@@ -197,7 +197,7 @@ def measure_accuracy(block_sizes, *, epochs: int, prune_epochs: int, tolerance: 
         report = rsn2.fit_rsn2(
             model,
             {"digits": (data["digits"][0], data["digits"][2]), "cancer": (data["cancer"][0], data["cancer"][2])},
-            sparsity=SPARSITY, epochs=epochs, prune_epochs=prune_epochs, block_size=block, tolerance=tolerance,
+            sparsity=SPARSITY, epochs=epochs, patience=patience, block_size=block, tolerance=tolerance,
             verbose=False,
         )
         seconds = time.perf_counter() - start
@@ -265,7 +265,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="block sizes for (b) (default: 1 4)")
     parser.add_argument("--epochs", type=int, default=20, help="dense epochs per task in (b) (default: %(default)s)")
-    parser.add_argument("--prune-epochs", type=int, default=2, help="epochs per pruning step in (b) (default: %(default)s)")
+    parser.add_argument("--patience", type=int, default=10,
+                        help="epochs a pruning step may take to recover in (b) (default: %(default)s, fit_rsn2's)")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="accuracy a pruning step may cost before RSN2 stops, in (b) (default: %(default)s; "
                              "1 prunes to the target whatever it costs)")
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
             result["latency"] = measure_latency(out_dir, args.repeats)
     if not args.skip_accuracy:
-        result["accuracy"] = measure_accuracy(args.blocks, epochs=args.epochs, prune_epochs=args.prune_epochs,
+        result["accuracy"] = measure_accuracy(args.blocks, epochs=args.epochs, patience=args.patience,
                                               tolerance=args.tolerance)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0

@@ -54,16 +54,18 @@ def names(value: str) -> list[str]:
 
 @command
 def cmd_inspect(args) -> int:
-    from mann_edge.inspection import format_report, report_of
-    from mann_edge.sources import load_source
+    from mann_edge.inspection import format_keras_report, format_report, inspect_source
 
-    model = load_source(args.path, args.task_names)
-    report = report_of(model, args.path)
-    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    model, report = inspect_source(args.path, args.task_names)
+    print(json.dumps(report, indent=1) if args.json else (format_report if model else format_keras_report)(report))
     if args.plot:
         from mann_edge.api import exported_sizes
+        from mann_edge.errors import CompactionError
         from mann_edge.plotting import plot_masks
 
+        if model is None:
+            raise CompactionError(f"{args.path}: no mask plot for a model that cannot be compacted; change the "
+                                  f"{len(report['problems'])} layer(s) listed above first")
         sizes = {"dense float32 weights": report["total"]["dense_bytes"], "CSR weights": report["total"]["bytes"],
                  **exported_sizes(os.path.dirname(os.path.abspath(args.path)))}
         print(f"wrote {plot_masks(model, args.plot, formats_bytes=sizes, force=args.force)}", file=sys.stderr)

@@ -10,7 +10,7 @@ from mann_edge.errors import MannEdgeError
 from mann_edge.formats import FORMATS
 from mann_edge.graph.model import CompactModel
 
-__all__ = ["load_source", "SOURCE_SUFFIXES"]
+__all__ = ["load_source", "load_keras_source", "SOURCE_SUFFIXES"]
 
 SOURCE_SUFFIXES = (".keras", ".h5", ".mann")
 
@@ -32,7 +32,6 @@ def load_source(source, task_names: Sequence[str] | None = None, *, strict: bool
     path = Path(source)
     if not path.exists():
         raise MannEdgeError(f"Source {path} does not exist")
-    suffix = path.suffix.lower()
     if FORMATS["mann"].recognises(path):
         from mann_edge.bundle import load_compact
 
@@ -40,15 +39,25 @@ def load_source(source, task_names: Sequence[str] | None = None, *, strict: bool
     from mann_edge.compaction import compact
     from mann_edge.files import sha256_file
 
+    model = load_keras_source(path)
+    return compact(model, task_names, strict=strict, source=path.name, source_sha256=sha256_file(path))
+
+
+def load_keras_source(path: "str | os.PathLike"):
+    """The Keras model in a `.keras` file or a legacy `.h5` (not compacted), or a MannEdgeError naming the file.
+
+    Example:
+        >>> model = load_keras_source("mann_mlp.h5")
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
     if suffix == ".h5":
         from mann_edge.legacy import load_legacy
 
-        model = load_legacy(path)
-    elif suffix == ".keras":
-        model = _load_keras(path)
-    else:
-        raise MannEdgeError(f"Source {path}: expected a {', '.join(SOURCE_SUFFIXES)} file")
-    return compact(model, task_names, strict=strict, source=path.name, source_sha256=sha256_file(path))
+        return load_legacy(path)
+    if suffix == ".keras":
+        return _load_keras(path)
+    raise MannEdgeError(f"Source {path}: expected a {', '.join(SOURCE_SUFFIXES)} file")
 
 
 def _load_keras(path: Path):

@@ -373,3 +373,24 @@ def test_output_specs_give_the_shapes_the_tasks_return(activations_compact):
     for task in activations_compact.tasks:
         (got,) = activations_compact.run(task.name, x)
         assert got.shape[1:] == task.outputs[0].shape[1:], task.name
+
+
+def test_inspect_lists_every_layer_of_a_model_it_cannot_compact(tmp_path, capsys):
+    from mann_edge.cli import main
+
+    x = keras.Input((4, 3), name="x")
+    h = keras.layers.LSTM(2, name="recurrent")(x)
+    y = keras.layers.Dense(2, name="out")(keras.layers.PReLU(name="prelu")(h))
+    path = tmp_path / "lstm.keras"
+    keras.Model(x, y).save(path)
+    assert main(["inspect", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "Cannot be compacted or exported (2 layer(s) to change)" in printed
+    assert "'recurrent' (LSTM)" in printed and "'prelu' (PReLU)" in printed and "LeakyReLU" in printed
+    report = mann_edge.inspect(path)
+    assert report["compactable"] is False and len(report["problems"]) == 2
+    assert [row["layer"] for row in report["layers"]][-1] == "out" and report["total"]["params"] > 0
+    assert main(["inspect", str(path), "--plot", str(tmp_path / "m.png")]) == 1
+    assert "cannot be compacted" in capsys.readouterr().err and not (tmp_path / "m.png").exists()
+    with pytest.raises(CompactionError, match="LSTM"):  # convert still refuses it
+        mann_edge.convert(str(path), tmp_path / "out")
