@@ -570,12 +570,12 @@ def test_an_empty_output_directory_is_refused_by_the_api(tmp_path, monkeypatch):
 
 
 def test_an_unexpected_error_still_names_the_file(tmp_path, capsys, monkeypatch):
-    import mann_edge.sources
+    import mann_edge.inspection
 
     def broken(*args, **kwargs):
         raise KeyError("class_name")
 
-    monkeypatch.setattr(mann_edge.sources, "load_source", broken)
+    monkeypatch.setattr(mann_edge.inspection, "load_source", broken)  # what `inspect` reads the file with
     path = tmp_path / "model.mann"
     path.write_bytes(b"")
     err = _one_line_error(capsys, ["inspect", str(path)])

@@ -342,6 +342,13 @@ def _axes(axes: list) -> bool:
     return 0 < len(axes) == len(set(axes)) and all(0 < a < 8 for a in axes)
 
 
+def _axes_within(axes: list[int], shape: tuple) -> list[int]:
+    """``axes``, or a ValueError when one is outside an input of ``shape``."""
+    if max(axes) >= len(shape):
+        raise ValueError(f"axes {axes} are outside an input of shape {_text(shape)}")
+    return axes
+
+
 @register
 class GlobalAvgPool(Op):
     """Mean over ``axes`` (e.g. [1] for sequences, [1, 2] for images), optionally keeping them."""
@@ -353,9 +360,7 @@ class GlobalAvgPool(Op):
     @classmethod
     def infer(cls, attrs, inputs, weights):
         (x,) = inputs
-        axes = attrs["axes"]
-        if max(axes) >= len(x):
-            raise ValueError(f"axes {axes} are outside an input of shape {_text(x)}")
+        axes = _axes_within(attrs["axes"], x)
         if attrs["keepdims"]:
             return tuple(1 if i in axes else d for i, d in enumerate(x))
         return tuple(d for i, d in enumerate(x) if i not in axes)
@@ -523,9 +528,7 @@ class LayerNorm(Op):
     @classmethod
     def infer(cls, attrs, inputs, weights):
         (x,) = inputs
-        axes = attrs["axes"]
-        if max(axes) >= len(x):
-            raise ValueError(f"axes {axes} are outside an input of shape {_text(x)}")
+        axes = _axes_within(attrs["axes"], x)
         size = _product([x[a] for a in axes])
         for role in cls.optional_weights:
             if weights.get(role) is not None and size is not None and math.prod(weights[role].shape) != size:
