@@ -19,6 +19,7 @@ import mann_edge
 import zoo
 from mann_edge import samples
 from mann_edge.converters.validation import tolerances
+from mann_edge.errors import InputError
 from mann_edge.formats import FORMATS
 from mann_edge.graph.activations import ACTIVATIONS
 from mann_edge.graph.ops import OPS
@@ -158,3 +159,21 @@ def test_every_compact_op_and_activation_has_a_lowering_in_every_format(format):
     module = FORMATS[format].converter_module()
     assert set(OPS) <= set(module.LOWERINGS), sorted(set(OPS) - set(module.LOWERINGS))
     assert set(ACTIVATIONS) <= set(module.ACTIVATION_LOWERINGS), sorted(set(ACTIVATIONS) - set(module.ACTIVATION_LOWERINGS))
+
+
+@pytest.mark.parametrize("format", [name for name, f in FORMATS.items() if f.runs_here()])
+def test_every_runtime_refuses_bad_inputs_alike(format, sources, tmp_path):
+    """One input rule for every backend: ids outside the table (before any cast), NaN, empty batches."""
+    model = sources("zoo/mixed")
+    module = FORMATS[format].converter_module()
+    session = mann_edge.runtime.load(module.export(model.compact, tmp_path / module.artifact_name()))
+    # int64 2**32 + 1 and uint64 2**63 used to wrap to valid ids
+    for bad, dtype in ((zoo.VOCAB + 5, "int32"), (-1, "int32"), (2**32 + 1, "int64"), (2**63, "uint64")):
+        with pytest.raises(InputError, match=rf"Task 'text' input 'tokens'.*ids must be in \[0, {zoo.VOCAB}\)"):
+            session.run("text", np.full((1, zoo.TOKENS), bad, dtype))
+    image = np.zeros((1, 8, 8, 1), np.float32)
+    image[0, 1, 1, 0] = np.nan
+    with pytest.raises(InputError, match=r"Task 'vision' input 'image'.*NaN or infinite"):
+        session.run("vision", image)
+    with pytest.raises(InputError, match=r"Task 'vision': input 'image' holds an empty batch"):
+        session.run("vision", image[:0])
