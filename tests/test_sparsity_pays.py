@@ -60,17 +60,25 @@ def test_the_bundle_keeps_a_weight_dense_where_csr_is_larger():
     assert isinstance(heavy.weights["dense/kernel"], CSRWeight)
 
 
-TFLITE_LARGER = ("TFLite's converter encodes every FullyConnected/Conv weight with >= 30 % zeros "
-                 "(EXPERIMENTAL_SPARSITY), also where its encoding is larger than the dense weight: float16 values "
-                 "with uint16 indices, or float32 with 1024-wide rows at 31 % zeros. mann-edge does not choose per "
-                 "weight in TFLite yet; the convert table flags such a task.")
-
-
-@pytest.mark.xfail(strict=True, reason=TFLITE_LARGER)
 @pytest.mark.parametrize("size, zeros, dtype", [(256, 0.31, "float16"), (1024, 0.31, "float32")])
 def test_tflite_never_stores_a_weight_larger_than_dense(tmp_path, size, zeros, dtype):
-    sparse, dense = _sparse_and_dense_bytes(tflite, _one_layer(size, zeros), tmp_path, "model.tflite", dtype)
-    assert sparse <= dense, f"TFLite {dtype}, {size}x{size}, {zeros:.0%} zeros: sparse {sparse} bytes, dense {dense}"
+    # TFLite's converter encodes every weight with >= 30 % zeros, also where that is larger than dense
+    # (these two cases were 104 % of dense); the export stores such a weight dense instead. What may
+    # differ is the converter's own metadata (it records the sparsity option) and the repacked
+    # flatbuffer's padding: under 128 bytes (the sparse encoding cost 4 % of the weight before).
+    model = _one_layer(size, zeros)
+    sparse, dense = _sparse_and_dense_bytes(tflite, model, tmp_path, "model.tflite", dtype)
+    assert sparse <= dense + 128, f"TFLite {dtype}, {size}x{size}, {zeros:.0%} zeros: sparse {sparse} bytes, dense {dense}"
+    path = tmp_path / f"True_{dtype}_model.tflite"
+    assert "DENSIFY" not in tflite.operators(path)
+    tflite.validate(model, path).raise_for_errors()
+
+
+def test_tflite_keeps_a_weight_sparse_where_its_encoding_is_smaller(tmp_path):
+    model = _one_layer(256, 0.9)
+    sparse, dense = _sparse_and_dense_bytes(tflite, model, tmp_path, "model.tflite", "float32")
+    assert sparse < 0.25 * dense
+    tflite.validate(model, tmp_path / "True_float32_model.tflite").raise_for_errors()
 
 
 def _pruned_and_unpruned_tasks() -> keras.Model:
