@@ -117,7 +117,7 @@ FORMATS: dict[str, Format] = {
             directory_marker=lambda d: (d / "manifest.json").is_file() and (d / "weights.safetensors").exists(),
         ),
         Format(
-            name="tflite", title="TFLite (LiteRT)", suffix=".tflite", artifact="model.tflite",
+            name="tflite", title="TFLite", suffix=".tflite", artifact="model.tflite",
             dtypes=("float32", "float16", "int8"), runtime="LiteRT", runtime_module="ai_edge_litert.interpreter",
             session="mann_edge.runtime.litert:LiteRTSession", converter="mann_edge.converters.tflite",
         ),
