@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 from mann_edge import interrupts
 from mann_edge.converters.validation import ValidationReport
 from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError
-from mann_edge.files import check_writable_dir, staged_output
+from mann_edge.files import check_writable_dir, size_of, staged_output
 from mann_edge.formats import EXPORT_FORMATS, FORMATS, detect_format, get_format
 from mann_edge.graph.model import CompactModel
 from mann_edge.sources import load_source
@@ -114,10 +114,8 @@ def check_options(formats: Sequence[str], dtype: str, options: Mapping[str, Mapp
     """
     problems = []
     for name in formats:
-        format = get_format(name)
-        format_dtype = dtype if name != BUNDLE or dtype in format.dtypes else "float32"
         try:
-            format.converter_module().check_options(dtype=format_dtype, **options.get(name, {}))
+            get_format(name).converter_module().check_options(dtype=_format_dtype(name, dtype), **options.get(name, {}))
         except ConversionError as error:
             problems.append(str(error))
     unused = sorted(set(options) - set(formats))
@@ -210,10 +208,9 @@ def _export_verified(model: CompactModel, name: str, path: Path, result: Convert
     staging path, which is removed.
     """
     module = get_format(name).converter_module()
-    format_dtype = dtype if dtype in FORMATS[name].dtypes else "float32"
     with staged_output(path, force=force) as staging:
         start = time.perf_counter()
-        module.export(model, staging, dtype=format_dtype, **options)
+        module.export(model, staging, dtype=_format_dtype(name, dtype), **options)
         result.seconds[name] = time.perf_counter() - start
         interrupts.check()
         if verify:
@@ -249,21 +246,26 @@ def verify(artifact: "str | os.PathLike", against, *, tasks: Sequence[str] | Non
     return format.converter_module().validate(model, artifact, tasks=tasks)
 
 
+def _format_dtype(name: str, dtype: str) -> str:
+    """The dtype format ``name`` is written with: ``dtype``, except the bundle keeps float32 where it cannot store it."""
+    return "float32" if name == BUNDLE and dtype not in FORMATS[BUNDLE].dtypes else dtype
+
+
 def exported_sizes(out_dir: "str | os.PathLike") -> dict[str, int]:
-    """Bytes of each export `convert` left in ``out_dir``, by format (any artifact name a format uses)."""
+    """Bytes of each export `convert` left in ``out_dir``, by format (the first artifact of each, by name)."""
     sizes = {}
-    for format in FORMATS.values():
-        for path in sorted(Path(out_dir).iterdir()) if Path(out_dir).is_dir() else []:
-            if format.name not in sizes and format.name != BUNDLE and _is_artifact(path, format):
-                sizes[format.name] = _bytes(path)
+    for path in sorted(Path(out_dir).iterdir()) if Path(out_dir).is_dir() else []:
+        name = _format_of(path)
+        if name not in (None, BUNDLE) and name not in sizes:
+            sizes[name] = size_of(path)
     return sizes
 
 
-def _is_artifact(path: Path, format) -> bool:
+def _format_of(path: Path) -> str | None:
     try:
-        return detect_format(path) is format
+        return detect_format(path).name
     except Exception:  # anything that is not an export of a known format
-        return False
+        return None
 
 
 def _remove(path: Path) -> None:
@@ -271,12 +273,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 def _task_shares(model: CompactModel) -> dict[str, dict[str, float]]:
@@ -305,13 +301,13 @@ def _tables(model: CompactModel, result: ConvertResult) -> tuple[list[dict], lis
     rows, files = [], []
     for name, path in result.artifacts.items():
         own_files = get_format(name).converter_module().task_files(path)
-        total = _bytes(path)
+        total = size_of(path)
         files.append({"format": name, "file": str(path.relative_to(result.out_dir)), "bytes": total,
                       "dense_bytes": dense_total, "ratio": total / dense_total if dense_total else float("nan")})
         report = result.reports.get(name)
         for task in model.task_names:
             if task in own_files:
-                size, dense = _bytes(own_files[task]), stats[task]["dense_bytes"]
+                size, dense = size_of(own_files[task]), stats[task]["dense_bytes"]
             else:  # a file of every task: the task's share of it
                 size, dense = round(total * shares[task]["bytes"] / stored_total), shares[task]["dense_bytes"]
             errors = [c.max_abs_error for c in report.checks if c.task == task] if report else []

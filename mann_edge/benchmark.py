@@ -40,6 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mann_edge.files import size_of
 from mann_edge.formats import EXPORT_FORMATS, FORMATS
 
 __all__ = ["run_benchmark", "format_report", "build_paper_model", "add_arguments", "run", "main", "BACKENDS", "MASKS"]
@@ -117,12 +118,6 @@ def build_paper_model(seed: int = SEED, block_size: int = 1):
     model = keras.Model(inputs, outputs, name="paper_scale")
     mask_model(model, SPARSITY, method="magnitude", block_size=block_size)
     return model
-
-
-def _artifact_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _export_all(cm, out_dir: Path) -> tuple[dict, dict, list[str]]:
@@ -365,7 +360,7 @@ def _measure_mask(mask: str, names, settings, repeats: int, directory: Path, see
         },
         "conversion_s": conversion,
         "conversion_total_s": sum(conversion.get(k, 0.0) for k in EXPORT_FORMATS),
-        "artifacts": {name: {"path": str(p), "bytes": _artifact_bytes(Path(p))} for name, p in paths.items()},
+        "artifacts": {name: {"path": str(p), "bytes": size_of(p)} for name, p in paths.items()},
         "backends": measured,
         "ratios": {str(s): _ratios(measured, str(s)) for s in settings},
         "notes": notes,

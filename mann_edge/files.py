@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 from mann_edge.errors import OutputExistsError
 
-__all__ = ["atomic_output", "staged_output", "check_writable_dir", "sha256_file", "file_stems", "build_time"]
+__all__ = ["atomic_output", "staged_output", "check_writable_dir", "sha256_file", "size_of", "file_stems", "build_time"]
 
 
 @contextlib.contextmanager
@@ -116,6 +116,19 @@ def check_writable_dir(directory: "str | os.PathLike", *, create: bool = False) 
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"Output directory {directory} is not writable")
     return directory
+
+
+def size_of(path: "str | os.PathLike") -> int:
+    """Bytes of a file, or of every file in a directory (a per-task export, a Core ML package).
+
+    Example:
+        >>> size_of("out/onnx")
+        71150
+    """
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def sha256_file(path: "str | os.PathLike") -> str:
