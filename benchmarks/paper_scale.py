@@ -2,6 +2,7 @@
 
     python benchmarks/paper_scale.py                  # report, one thread and all cores
     python benchmarks/paper_scale.py --json --repeats 500 --out /tmp/paper
+    python benchmarks/paper_scale.py my_mann.keras --task-names a,b --threads 1   # your own model
 
 The work is in `mann_edge.benchmark` (also `mann-edge bench`); this script only calls it.
 """

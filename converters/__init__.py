@@ -5,9 +5,14 @@
 - ``export(model, path, *, dtype="float32", force=False, **options) -> Path`` writes the
   artifact atomically (nothing half-written under ``path``) and returns the path
   `mann_edge.runtime.load` takes.
-- ``validate(model, path, *, atol=None, rtol=None, tasks=None, batches=(1, 8)) -> ValidationReport``
-  runs the artifact on sample inputs against the compact model's reference outputs, every
-  task of the model (or ``tasks``): a task the artifact lacks fails.
+- ``validate(model, path, *, atol=None, rtol=None, tasks=None, batches=(1, 8), inputs=None) -> ValidationReport``
+  runs the artifact on sample inputs (or ``inputs``, e.g. calibration data for a quantized
+  export) against the compact model's reference outputs, every task of the model (or
+  ``tasks``): a task the artifact lacks fails.
+- ``runner(path) -> run(task, inputs) -> outputs``: how to run the artifact here, in its
+  runtime or, where that runtime cannot run on this machine, the converter's own evaluation.
+- ``sparse_layers(path) -> (int, int) or None``: weights the runtime runs sparse, of the weights
+  of matrix-multiplying ops (None: the runtime decides), the convert table's "runs sparse".
 - ``artifact_name(**options) -> str``: the file or directory name the export gets in an
   output directory.
 - ``task_files(path) -> dict[str, Path]``: which file holds which task, for formats that

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from mann_edge.graph.activations import ACTIVATIONS
 from mann_edge.graph.model import CompactModel
 from mann_edge.runtime.kernels import RUNTIME_OPS
 
-__all__ = ["LOWERINGS", "ACTIVATION_LOWERINGS", "FORMAT", "export", "validate", "artifact_name", "task_files", "check_options"]
+__all__ = ["sparse_layers", "LOWERINGS", "ACTIVATION_LOWERINGS", "FORMAT", "export", "validate", "runner", "artifact_name", "task_files", "check_options"]
 
 FORMAT = "mann"
 OWNER = "The .mann bundle"
@@ -61,11 +61,40 @@ def export(model: CompactModel, path: "str | os.PathLike", *, dtype: str = "floa
     return Path(model.save(path, force=force))
 
 
+def sparse_layers(path: "str | os.PathLike") -> tuple[int, int]:
+    """(nodes whose kernel the bundle runtime runs as CSR, nodes with a dense, conv2d or embedding weight).
+
+    Example:
+        >>> sparse_layers("out/model.mann")
+        (10, 10)
+    """
+    from mann_edge.bundle import load_compact
+    from mann_edge.sparse import CSRWeight
+
+    model = load_compact(path)
+    nodes = [node for node in model.nodes if node.op in ("dense", "conv2d", "embedding")]
+    runs_csr = sum(any(isinstance(model.weights[key], CSRWeight) for key in node.weights.values()) for node in nodes)
+    return runs_csr, len(nodes)
+
+
+def runner(path: "str | os.PathLike") -> Callable[[str, Mapping[str, np.ndarray]], list[np.ndarray]]:
+    """A function running one task of the bundle at ``path`` with the bundle runtime.
+
+    Example:
+        >>> probabilities = runner("out/model.mann")("digits", {"digits_image": x})[0]
+    """
+    from mann_edge.runtime.bundle import BundleSession
+
+    return BundleSession(path).run
+
+
 def validate(model: CompactModel, path: "str | os.PathLike", *, atol: float | None = None, rtol: float | None = None,
-             tasks: Sequence[str] | None = None, batches: Sequence[int] = DEFAULT_BATCHES) -> ValidationReport:
+             tasks: Sequence[str] | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
+             inputs: "Mapping[str, Mapping[str, np.ndarray]] | None" = None) -> ValidationReport:
     """Runs the bundle at ``path`` with the bundle runtime against ``model``, every task (or ``tasks``).
 
     Default tolerances follow the stored values (float16 values get the float16 tolerance).
+    ``inputs``: task -> input arrays to check on instead of random ones.
 
     Example:
         >>> validate(cm, "out/model.mann").ok
@@ -78,4 +107,4 @@ def validate(model: CompactModel, path: "str | os.PathLike", *, atol: float | No
     default_atol, default_rtol = tolerances("float16" if halves else "float32")
     return compare(model, session.run, format=FORMAT, artifact=str(path),
                    atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol,
-                   tasks=tasks, batches=batches)
+                   tasks=tasks, batches=batches, inputs=inputs)

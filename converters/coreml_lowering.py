@@ -38,6 +38,7 @@ from mann_edge.converters.options import check_dtype
 from mann_edge.errors import ConversionError
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE
 from mann_edge.graph.model import CompactModel, Node
+from mann_edge.graph.ops import causal_bias
 from mann_edge.graph.windows import window_pads
 from mann_edge.runtime.coreml import FeatureIO, import_coremltools
 
@@ -175,6 +176,19 @@ def check_lowerings(model: CompactModel, tasks: Sequence[str]) -> None:
     check_nodes(nodes.values(), LOWERINGS, ACTIVATION_LOWERINGS)
 
 
+# Core ML holds tensors of rank 5 at most.
+MAX_RANK = 5
+
+
+def _check_rank(node: Node) -> None:
+    """ConversionError naming the node, its layer and the format when its output has more axes than Core ML holds."""
+    if len(node.shape) > MAX_RANK:
+        raise ConversionError(
+            f"{OWNER} cannot express layer '{node.attrs.get('layer')}' (node '{node.name}', op {node.op}): its output "
+            f"has rank {len(node.shape)} and Core ML holds tensors of rank <= {MAX_RANK}"
+        )
+
+
 @dataclass
 class TaskProgram:
     """One task's MIL program (function "main"), its features, and what `ct.convert` needs to know of its inputs."""
@@ -225,6 +239,7 @@ def build_program(model: CompactModel, task: str, *, dtype: str = "float32", spa
                 var = mb.cast(x=var, dtype="fp16")
             builder.values[io_in.name] = var
         for node in model.task_nodes(task):
+            _check_rank(node)
             node_inputs = [builder.values[name] for name in node.inputs]
             try:
                 builder.values[node.name] = LOWERINGS[node.op](builder, node, node_inputs)
@@ -232,7 +247,8 @@ def build_program(model: CompactModel, task: str, *, dtype: str = "float32", spa
                 raise
             except (ValueError, TypeError, AssertionError, IndexError) as error:
                 raise ConversionError(
-                    f"Core ML export: lowering op {node.op!r} (node '{node.name}', task {task!r}) failed: {error}"
+                    f"Core ML export: lowering op {node.op!r} (node '{node.name}', layer '{node.attrs.get('layer')}', "
+                    f"task {task!r}) failed: {error}"
                 ) from error
         # Output features are named last, clear of the names the builder gave to ops on the way.
         taken |= {var.name.lower() for op in function.operations for var in op.outputs}
@@ -262,16 +278,18 @@ def build_program(model: CompactModel, task: str, *, dtype: str = "float32", spa
 
 
 def _nhwc_to_nchw(x):
-    return _mb().transpose(x=x, perm=[0, 3, 1, 2])
+    """Channels-last to channels-first (NHWC -> NCHW, NDHWC -> NCDHW)."""
+    return _mb().transpose(x=x, perm=[0, x.rank - 1, *range(1, x.rank - 1)])
 
 
 def _nchw_to_nhwc(x):
-    return _mb().transpose(x=x, perm=[0, 2, 3, 1])
+    """Channels-first back to channels-last."""
+    return _mb().transpose(x=x, perm=[0, *range(2, x.rank), 1])
 
 
-def _spatial_pads(node: Node, x, kernel, strides, dilation=(1, 1)) -> list[int]:
-    """Explicit [top, bottom, left, right] pads for TensorFlow's 'same' (extra pixel after) or 'valid' padding."""
-    spatial = _static_dims(x, node, "spatial")[:2]
+def _spatial_pads(node: Node, x, kernel, strides, dilation=None) -> list[int]:
+    """Explicit (before, after) pads per spatial axis for TensorFlow's 'same' (extra cell after) or 'valid' padding."""
+    spatial = _static_dims(x, node, "spatial")[:len(kernel)]
     return [pad for pair in window_pads(node.attrs["padding"], spatial, kernel, strides, dilation) for pad in pair]
 
 
@@ -311,6 +329,41 @@ def _conv2d(b: ProgramBuilder, node: Node, inputs):
     return b.activation(_nchw_to_nhwc(y), node.attrs.get("activation"))
 
 
+@LOWERINGS.register("conv3d")
+def _conv3d(b: ProgramBuilder, node: Node, inputs):
+    mb = _mb()
+    (x,) = inputs
+    taps = b.model.weights[node.weights["kernel"]].shape[:3]
+    strides = list(node.attrs["strides"])
+    dilation = list(node.attrs.get("dilation", (1, 1, 1)))
+    options = {"bias": b.weight(node.weights["bias"])} if "bias" in node.weights else {}
+    y = mb.conv(
+        x=_nhwc_to_nchw(x),
+        weight=b.weight(node.weights["kernel"], lambda w: w.transpose(4, 3, 0, 1, 2)),  # (cout, cin, kd, kh, kw)
+        strides=strides,
+        dilations=dilation,
+        pad_type="custom",
+        pad=_spatial_pads(node, x, taps, strides, dilation),
+        **options,
+    )
+    return b.activation(_nchw_to_nhwc(y), node.attrs.get("activation"))
+
+
+@LOWERINGS.register("depthwise_conv2d")
+def _depthwise_conv2d(b: ProgramBuilder, node: Node, inputs):
+    mb = _mb()
+    (x,) = inputs
+    kh, kw, cin, multiplier = b.model.weights[node.weights["kernel"]].shape
+    strides = list(node.attrs["strides"])
+    dilation = list(node.attrs.get("dilation", (1, 1)))
+    options = {"bias": b.weight(node.weights["bias"])} if "bias" in node.weights else {}
+    # (kh, kw, cin, m) -> (cin * m, 1, kh, kw): group c holds output channels c * m .. c * m + m - 1
+    weight = b.weight(node.weights["kernel"], lambda w: w.transpose(2, 3, 0, 1).reshape(cin * multiplier, 1, kh, kw))
+    y = mb.conv(x=_nhwc_to_nchw(x), weight=weight, strides=strides, dilations=dilation, groups=int(cin),
+                pad_type="custom", pad=_spatial_pads(node, x, (kh, kw), strides, dilation), **options)
+    return b.activation(_nchw_to_nhwc(y), node.attrs.get("activation"))
+
+
 def _pool(b: ProgramBuilder, node: Node, x, kind: str):
     mb = _mb()
     kernel, strides = list(node.attrs["pool_size"]), list(node.attrs["strides"])
@@ -323,13 +376,13 @@ def _pool(b: ProgramBuilder, node: Node, x, kind: str):
     return _nchw_to_nhwc(y)
 
 
-@LOWERINGS.register("max_pool2d")
-def _max_pool2d(b: ProgramBuilder, node: Node, inputs):
+@LOWERINGS.register("max_pool2d", "max_pool3d")
+def _max_pool(b: ProgramBuilder, node: Node, inputs):
     return _pool(b, node, inputs[0], "max")
 
 
-@LOWERINGS.register("avg_pool2d")
-def _avg_pool2d(b: ProgramBuilder, node: Node, inputs):
+@LOWERINGS.register("avg_pool2d", "avg_pool3d")
+def _avg_pool(b: ProgramBuilder, node: Node, inputs):
     return _pool(b, node, inputs[0], "avg")
 
 
@@ -337,6 +390,12 @@ def _avg_pool2d(b: ProgramBuilder, node: Node, inputs):
 def _global_avg_pool(b: ProgramBuilder, node: Node, inputs):
     keep_dims = bool(node.attrs.get("keepdims", False))
     return _mb().reduce_mean(x=inputs[0], axes=list(node.attrs["axes"]), keep_dims=keep_dims)
+
+
+@LOWERINGS.register("global_max_pool")
+def _global_max_pool(b: ProgramBuilder, node: Node, inputs):
+    keep_dims = bool(node.attrs.get("keepdims", False))
+    return _mb().reduce_max(x=inputs[0], axes=list(node.attrs["axes"]), keep_dims=keep_dims)
 
 
 @LOWERINGS.register("flatten")
@@ -373,10 +432,89 @@ def _embedding(b: ProgramBuilder, node: Node, inputs):
 
 @LOWERINGS.register("add")
 def _add(b: ProgramBuilder, node: Node, inputs):
-    total = inputs[0]
-    for x in inputs[1:]:
-        total = _mb().add(x=total, y=x)
-    return total
+    return _fold(inputs, _mb().add)
+
+
+def _fold(inputs, combine):
+    result = inputs[0]
+    for x in inputs[1:]:  # left to right, as the reference
+        result = combine(x=result, y=x)
+    return result
+
+
+@LOWERINGS.register("subtract")
+def _subtract(b: ProgramBuilder, node: Node, inputs):
+    return _mb().sub(x=inputs[0], y=inputs[1])
+
+
+@LOWERINGS.register("divide")
+def _divide(b: ProgramBuilder, node: Node, inputs):
+    return _mb().real_div(x=inputs[0], y=inputs[1])
+
+
+@LOWERINGS.register("multiply")
+def _multiply(b: ProgramBuilder, node: Node, inputs):
+    return _fold(inputs, _mb().mul)
+
+
+@LOWERINGS.register("maximum")
+def _maximum(b: ProgramBuilder, node: Node, inputs):
+    return _fold(inputs, _mb().maximum)
+
+
+@LOWERINGS.register("minimum")
+def _minimum(b: ProgramBuilder, node: Node, inputs):
+    return _fold(inputs, _mb().minimum)
+
+
+@LOWERINGS.register("average")
+def _average(b: ProgramBuilder, node: Node, inputs):
+    return _mb().real_div(x=_fold(inputs, _mb().add), y=b.scalar(len(inputs)))
+
+
+@LOWERINGS.register("transpose")
+def _transpose(b: ProgramBuilder, node: Node, inputs):
+    return _mb().transpose(x=inputs[0], perm=list(node.attrs["perm"]))
+
+
+@LOWERINGS.register("tile")
+def _tile(b: ProgramBuilder, node: Node, inputs):
+    return _mb().tile(x=inputs[0], reps=[1, *node.attrs["reps"]])
+
+
+@LOWERINGS.register("pad")
+def _pad(b: ProgramBuilder, node: Node, inputs):
+    pads = [0, 0, *node.attrs["pads"]]  # MIL: (before, after) per axis, the batch's included
+    return _mb().pad(x=inputs[0], pad=np.array(pads, np.int32), mode="constant", constant_val=b.scalar(0.0))
+
+
+@LOWERINGS.register("crop")
+def _crop(b: ProgramBuilder, node: Node, inputs):
+    (x,) = inputs
+    crops = list(node.attrs["crops"])
+    sizes = _static_dims(x, node, "cropped")
+    ends = [d - a for d, a in zip(sizes, crops[1::2])]
+    masks = [True] + [False] * len(sizes)  # the batch is taken whole
+    return _mb().slice_by_index(x=x, begin=[0, *crops[0::2]], end=[0, *ends], begin_mask=masks, end_mask=masks)
+
+
+@LOWERINGS.register("attention")
+def _attention(b: ProgramBuilder, node: Node, inputs):
+    mb = _mb()
+    query, value, key = inputs
+    attrs = node.attrs
+    scale = b.scalar(attrs.get("scale", 1.0))
+    if attrs.get("score_mode", "dot") == "dot":
+        scores = mb.mul(x=mb.matmul(x=query, y=key, transpose_y=True), y=scale)
+    else:
+        pairs = mb.add(x=mb.expand_dims(x=query, axes=[-2]), y=mb.expand_dims(x=key, axes=[-3]))
+        summed = mb.reduce_sum(x=mb.tanh(x=mb.mul(x=pairs, y=scale)), axes=[-1], keep_dims=False)
+        scores = mb.mul(x=summed, y=b.scalar(attrs.get("concat_weight", 1.0)))
+    if attrs.get("causal", False):
+        bias = causal_bias(int(query.shape[-2]), int(key.shape[-2]))
+        # -1e9 is below float16's range: its lowest finite value masks as well
+        scores = mb.add(x=scores, y=np.maximum(bias, np.finfo(b.float_dtype).min).astype(b.float_dtype))
+    return mb.matmul(x=mb.softmax(x=scores, axis=-1), y=value)
 
 
 @LOWERINGS.register("concat")

@@ -49,7 +49,8 @@ def check_nodes(nodes: Iterable[Node], lowerings: Registry, activation_lowerings
         >>> check_nodes(cm.nodes, LOWERINGS, ACTIVATION_LOWERINGS)
     """
     for node in nodes:
-        where = f"node '{node.name}'"
+        layer = node.attrs.get("layer")
+        where = f"node '{node.name}'" + (f" of layer '{layer}'" if layer else "")
         lowerings.lookup(node.op, context=where)
         if "activation" in node.attrs:
             try:

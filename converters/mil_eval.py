@@ -2,8 +2,11 @@
 
 The package is read back as Core ML would read it: its spec and weights file are loaded
 into a MIL program (``coremltools.converters.mil.frontend.milproto.load``), each
-``constexpr_*`` op is decompressed (its ``materialized_val_inference``, i.e. the
-bitmask and nonzero values of ``constexpr_sparse_to_dense`` become the dense weight),
+``constexpr_*`` op is decompressed by a numpy function of `DECOMPRESSORS` written from
+the MIL spec (the bitmask and nonzero values of ``constexpr_sparse_to_dense`` become the
+dense weight; iOS18's joint forms, ``constexpr_lut_to_sparse`` and
+``constexpr_sparse_blockwise_shift_scale``, first turn palette indices or int8 values
+into the nonzero values),
 and every other op runs through a numpy kernel, one small function per MIL op type in
 `KERNELS` (registered beside it: ``@KERNELS.register("conv")``, ``fn(**inputs) -> array or
 tuple of arrays``). An op type without a kernel is refused by name when the program is
@@ -24,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Mapping
@@ -36,10 +40,13 @@ from mann_edge.graph.windows import sliding_windows, window_pads
 from mann_edge.registry import Registry
 from mann_edge.runtime.coreml import import_coremltools
 
-__all__ = ["MILEvaluator", "KERNELS"]
+__all__ = ["MILEvaluator", "KERNELS", "DECOMPRESSORS"]
 
 KERNELS = Registry("MIL op type", owner="The numpy MIL evaluator (mann_edge.converters.mil_eval)", verb="evaluate",
                    error=ValidationError)
+# Compressed weights: one numpy function per constexpr op type, ``fn(**inputs) -> array or tuple of arrays``.
+DECOMPRESSORS = Registry("MIL constexpr op type", owner="The numpy MIL evaluator (mann_edge.converters.mil_eval)",
+                         verb="decompress", error=ValidationError)
 
 
 class MILEvaluator:
@@ -79,7 +86,16 @@ class MILEvaluator:
             if op.op_type == "const":
                 self._constants[op.outputs[0].name] = np.asarray(op.outputs[0].val)
             elif op.op_type.startswith("constexpr_"):
-                values = op.materialized_val_inference()
+                # decompressed here, in numpy from the MIL spec (`DECOMPRESSORS`), not by coremltools itself
+                where = f"op '{op.name}' of function {name!r} in Core ML package {self.path}"
+                decompress = DECOMPRESSORS.lookup(op.op_type, context=where)
+                arguments = {key: self._constants[var.name] if var.name in self._constants else np.asarray(var.val)
+                             for key, var in op.inputs.items()}
+                try:
+                    values = decompress(**arguments)
+                except (ValueError, TypeError, IndexError) as error:
+                    raise ValidationError(f"Core ML package {self.path}: decompressing {where} ({op.op_type}) "
+                                          f"failed: {error}") from error
                 values = values if isinstance(values, tuple) else (values,)
                 for var, value in zip(op.outputs, values):
                     self._constants[var.name] = np.asarray(value)
@@ -331,55 +347,63 @@ def _spatial_pads(pad_type: str, pad, spatial, kernel_sizes, strides, dilations)
 
 
 def _windows(x, kernel_sizes, strides, dilations, pads, pad_value):
-    """Sliding windows of an NCHW batch: (N, C, Ho, Wo, kh, kw)."""
-    return sliding_windows(x, kernel_sizes, strides, pads, dilation=dilations, axes=(2, 3), pad_value=pad_value)
+    """Sliding windows of a channels-first batch: (N, C, Ho, Wo, kh, kw), or (N, C, Do, Ho, Wo, kd, kh, kw) in 3-D."""
+    axes = tuple(range(2, x.ndim))
+    return sliding_windows(x, kernel_sizes, strides, pads, dilation=dilations, axes=axes, pad_value=pad_value)
 
 
 @KERNELS.register("conv")
 def _conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
-    if x.ndim != 4:
-        raise ValueError(f"conv evaluates 2-D convolutions only; input rank {x.ndim}")
+    rank = x.ndim - 2  # 2-D (NCHW) or 3-D (NCDHW)
+    if rank not in (2, 3):
+        raise ValueError(f"conv evaluates 2-D and 3-D convolutions only; input rank {x.ndim}")
     kernel_sizes = weight.shape[2:]
-    strides = [1, 1] if strides is None else [int(s) for s in strides]
-    dilations = [1, 1] if dilations is None else [int(d) for d in dilations]
+    strides = [1] * rank if strides is None else [int(s) for s in strides]
+    dilations = [1] * rank if dilations is None else [int(d) for d in dilations]
     pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel_sizes, strides, dilations)
-    windows = _windows(x, kernel_sizes, strides, dilations, pads, 0.0)  # N, C, Ho, Wo, kh, kw
+    windows = _windows(x, kernel_sizes, strides, dilations, pads, 0.0)  # N, C, *out, *taps
+    out = windows.shape[2:2 + rank]
+    # (N, *out, C, *taps): each output cell's window as one row
+    rows = windows.transpose(0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))
     groups = int(groups)
     cin, cout = x.shape[1] // groups, weight.shape[0] // groups
     outputs = [
-        np.einsum("nchwij,ocij->nohw", windows[:, g * cin:(g + 1) * cin], weight[g * cout:(g + 1) * cout],
-                  optimize=True)
+        rows[..., g * cin:(g + 1) * cin, *([slice(None)] * rank)].reshape(-1, cin * math.prod(kernel_sizes))
+        @ weight[g * cout:(g + 1) * cout].reshape(cout, -1).T
         for g in range(groups)
     ]
-    y = np.concatenate(outputs, axis=1)
-    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+    y = np.concatenate(outputs, axis=1).reshape(x.shape[0], *out, -1)
+    y = y.transpose(0, rank + 1, *range(1, rank + 1))
+    return y if bias is None else y + bias.reshape(1, -1, *([1] * rank))
 
 
 def _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, pad_value):
     if bool(ceil_mode):
         raise ValueError("ceil_mode pooling is not evaluated here")
     kernel_sizes = [int(k) for k in kernel_sizes]
-    strides = [1, 1] if strides is None else [int(s) for s in strides]
-    pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel_sizes, strides, [1, 1])
-    return _windows(x, kernel_sizes, strides, [1, 1], pads, pad_value), pads
+    rank = len(kernel_sizes)
+    strides = [1] * rank if strides is None else [int(s) for s in strides]
+    pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel_sizes, strides, [1] * rank)
+    return _windows(x, kernel_sizes, strides, [1] * rank, pads, pad_value), pads
 
 
 @KERNELS.register("max_pool")
 def _max_pool(x, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_mode=False):
     windows, _ = _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, -np.inf)
-    return windows.max(axis=(-2, -1))
+    return windows.max(axis=tuple(range(-len(kernel_sizes), 0)))
 
 
 @KERNELS.register("avg_pool")
 def _avg_pool(x, kernel_sizes, strides=None, pad_type="valid", pad=None, exclude_padding_from_average=False,
               ceil_mode=False):
     windows, pads = _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, 0.0)
-    total = windows.sum(axis=(-2, -1))
+    taps = tuple(range(-len(kernel_sizes), 0))
+    total = windows.sum(axis=taps)
     if not bool(exclude_padding_from_average):
         return total / float(np.prod([int(k) for k in kernel_sizes]))
     ones = np.ones((1, 1, *x.shape[2:]), x.dtype)
     counts, _ = _pool(ones, kernel_sizes, strides, pad_type, pad, ceil_mode, 0.0)
-    return total / counts.sum(axis=(-2, -1))
+    return total / counts.sum(axis=taps)
 
 
 # -- shapes and data movement ----------------------------------------------------------------------
@@ -426,3 +450,98 @@ def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
 @KERNELS.register("shape")
 def _shape(x):
     return np.array(x.shape, dtype=np.int32)
+
+
+@KERNELS.register("expand_dims")
+def _expand_dims(x, axes):
+    return np.expand_dims(x, tuple(int(a) for a in np.atleast_1d(axes)))
+
+
+@KERNELS.register("tile")
+def _tile(x, reps):
+    return np.tile(x, [int(r) for r in reps])
+
+
+@KERNELS.register("pad")
+def _pad(x, pad, mode="constant", constant_val=0.0):
+    if mode != "constant":
+        raise ValueError(f"pad mode {mode!r} is not evaluated here")
+    pad = [int(p) for p in pad]
+    widths = [(0, 0)] * (x.ndim - len(pad) // 2) + list(zip(pad[0::2], pad[1::2]))  # pads cover the last axes
+    return np.pad(x, widths, constant_values=constant_val)
+
+
+@KERNELS.register("slice_by_index")
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    if squeeze_mask is not None and np.any(squeeze_mask):
+        raise ValueError("slice_by_index with squeeze_mask is not evaluated here")
+    stride = [1] * x.ndim if stride is None else [int(s) for s in stride]
+    begin_mask = [False] * x.ndim if begin_mask is None else [bool(m) for m in begin_mask]
+    end_mask = [False] * x.ndim if end_mask is None else [bool(m) for m in end_mask]
+    index = tuple(slice(None if bm else int(b), None if em else int(e), s)
+                  for b, e, s, bm, em in zip(begin, end, stride, begin_mask, end_mask))
+    return x[index]
+
+
+# -- compressed weights (constexpr ops) ------------------------------------------------------------
+# Each follows the op's definition in the MIL spec (coremltools' iOS16/iOS18 op docs); the tests check
+# them against coremltools' own decompression of the same packages. Masks arrive as 0/1 arrays (uint1),
+# palette indices as small unsigned integers, one per element.
+
+
+def _block_coordinates(shape, mask_or_none, groups) -> tuple:
+    """Per axis, the block (group) coordinate of each nonzero position of ``mask_or_none`` (or of every position)."""
+    positions = np.nonzero(mask_or_none) if mask_or_none is not None else np.indices(shape).reshape(len(shape), -1)
+    for axis, (size, count) in enumerate(zip(shape, groups)):
+        if count == 0 or size % count:
+            raise ValueError(f"{count} blocks do not divide axis {axis} of size {size}")
+    return tuple(position // (size // count) for position, size, count in zip(positions, shape, groups))
+
+
+def _palette(lut: np.ndarray, shape, mask, indices: np.ndarray) -> np.ndarray:
+    """Values of ``indices`` (flat, one per position) in the palettes of their blocks; scalar palettes only."""
+    if lut.shape[-1] != 1:
+        raise ValueError(f"vector palettization (vector size {lut.shape[-1]}) is not evaluated here")
+    blocks = _block_coordinates(shape, mask, lut.shape[:-2])
+    return lut[(*blocks, indices.reshape(-1).astype(np.intp), 0)]
+
+
+def _shift_scale(values: np.ndarray, shape, mask, scale: np.ndarray, offset) -> np.ndarray:
+    """``scale * (values - offset)`` for flat ``values``, each with its block's scale and offset."""
+    blocks = _block_coordinates(shape, mask, scale.shape)
+    values = values.reshape(-1).astype(scale.dtype)
+    if offset is not None:
+        values = values - np.asarray(offset)[blocks].astype(scale.dtype)
+    return scale[blocks] * values
+
+
+@DECOMPRESSORS.register("constexpr_sparse_to_dense")
+def _sparse_to_dense(nonzero_data, mask, shape=None):
+    if shape is not None:  # iOS16: the mask is packed bits (little-endian), the shape given apart
+        shape = tuple(int(d) for d in shape)
+        bits = np.unpackbits(mask.astype(np.uint8), bitorder="little")[: math.prod(shape)].reshape(shape)
+    else:  # iOS18: one uint1 per element, in the weight's shape
+        bits = mask
+    dense = np.zeros(bits.shape, nonzero_data.dtype)
+    dense[bits != 0] = nonzero_data
+    return dense
+
+
+@DECOMPRESSORS.register("constexpr_lut_to_sparse")
+def _lut_to_sparse(indices_mask, indices_nonzero_data, lut, vector_axis=None):
+    return indices_mask, _palette(lut, indices_mask.shape, indices_mask, indices_nonzero_data)
+
+
+@DECOMPRESSORS.register("constexpr_sparse_blockwise_shift_scale")
+def _sparse_blockwise_shift_scale(data_mask, nonzero_data, scale, offset=None):
+    return data_mask, _shift_scale(nonzero_data, data_mask.shape, data_mask, scale, offset)
+
+
+@DECOMPRESSORS.register("constexpr_lut_to_dense")
+def _lut_to_dense(indices, lut, vector_axis=None):
+    return _palette(lut, indices.shape, None, indices).reshape(indices.shape)
+
+
+@DECOMPRESSORS.register("constexpr_blockwise_shift_scale")
+def _blockwise_shift_scale(data, scale, offset=None):
+    return _shift_scale(data, data.shape, None, scale, offset).reshape(data.shape)

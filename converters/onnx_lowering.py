@@ -58,6 +58,7 @@ from mann_edge.converters.options import check_dtype
 from mann_edge.errors import ConversionError
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE
 from mann_edge.graph.model import CompactModel, Node, Task
+from mann_edge.graph.ops import causal_bias
 from mann_edge.graph.windows import output_sizes, window_pads
 
 __all__ = [
@@ -227,8 +228,8 @@ def build_task_model(model: CompactModel, task: str, *, dtype: str = "float32", 
             raise
         except (KeyError, ValueError, TypeError, IndexError) as error:
             raise ConversionError(
-                f"ONNX export of task {task!r}: node '{node.name}' (op {node.op}) cannot be lowered: "
-                f"{type(error).__name__}: {error}"
+                f"ONNX export of task {task!r}: node '{node.name}' (layer '{node.attrs.get('layer')}', op {node.op}) "
+                f"cannot be lowered: {type(error).__name__}: {error}"
             ) from None
         values[node.name] = out
         g.shapes[out], g.dtypes[out] = node.shape, node.dtype
@@ -289,18 +290,20 @@ def _static(shape: tuple, what: str) -> tuple[int, ...]:
     return tuple(int(d) for d in shape[1:])
 
 
-def _pads(node: Node, spatial: tuple[int, int], kernel, strides, dilation=(1, 1)) -> list[int]:
+def _pads(node: Node, spatial: tuple[int, ...], kernel, strides, dilation=None) -> list[int]:
     """ONNX pads (all befores, then all afters: [top, left, bottom, right]) for TensorFlow's 'same' or 'valid'."""
     pads = window_pads(node.attrs["padding"], spatial, kernel, strides, dilation)
     return [before for before, _ in pads] + [after for _, after in pads]
 
 
-def _nchw(g: GraphBuilder, x: str) -> str:
-    return g.op("Transpose", [x], perm=[0, 3, 1, 2])
+def _nchw(g: GraphBuilder, x: str, rank: int = 4) -> str:
+    """Channels-last to channels-first (NHWC -> NCHW, NDHWC -> NCDHW)."""
+    return g.op("Transpose", [x], perm=[0, rank - 1, *range(1, rank - 1)])
 
 
-def _nhwc(g: GraphBuilder, x: str) -> str:
-    return g.op("Transpose", [x], perm=[0, 2, 3, 1])
+def _nhwc(g: GraphBuilder, x: str, rank: int = 4) -> str:
+    """Channels-first back to channels-last."""
+    return g.op("Transpose", [x], perm=[0, *range(2, rank), 1])
 
 
 # -- ops: linear algebra -------------------------------------------------------------------------
@@ -332,6 +335,61 @@ def _conv2d(g, node, inputs):
              pads=_pads(node, (height, width), (kh, kw), strides, dilation))
     spatial = output_sizes(node.attrs["padding"], (height, width), (kh, kw), strides, dilation)
     return _activate(g, node, _nhwc(g, y), (None, *spatial, cout))
+
+
+@LOWERINGS.register("conv3d")
+def _conv3d(g, node, inputs):
+    (x,) = inputs
+    *taps, _, cout = g.model.weights[node.weights["kernel"]].shape
+    spatial = _static(g.shape(x), "conv3d")[:3]
+    strides = tuple(node.attrs["strides"])
+    dilation = tuple(node.attrs.get("dilation", (1, 1, 1)))
+    kernel = g.op("Transpose", [g.weight(node.weights["kernel"])], perm=[4, 3, 0, 1, 2])  # folded at load
+    conv_inputs = [_nchw(g, g.as_float(x), 5), kernel]
+    if "bias" in node.weights:
+        conv_inputs.append(g.weight(node.weights["bias"]))
+    y = g.op("Conv", conv_inputs, kernel_shape=list(taps), strides=list(strides), dilations=list(dilation),
+             pads=_pads(node, spatial, taps, strides, dilation))
+    out = output_sizes(node.attrs["padding"], spatial, taps, strides, dilation)
+    return _activate(g, node, _nhwc(g, y, 5), (None, *out, cout))
+
+
+@LOWERINGS.register("depthwise_conv2d")
+def _depthwise_conv2d(g, node, inputs):
+    (x,) = inputs
+    kh, kw, cin, multiplier = g.model.weights[node.weights["kernel"]].shape
+    height, width, _ = _static(g.shape(x), "depthwise_conv2d")
+    strides = tuple(node.attrs["strides"])
+    dilation = tuple(node.attrs.get("dilation", (1, 1)))
+    # (kh, kw, cin, m) -> (cin * m, 1, kh, kw): group c holds output channels c * m .. c * m + m - 1; folded at load
+    kernel = g.op("Transpose", [g.weight(node.weights["kernel"])], perm=[2, 3, 0, 1])
+    kernel = g.op("Reshape", [kernel, g.const([cin * multiplier, 1, kh, kw], "int64")])
+    conv_inputs = [_nchw(g, g.as_float(x)), kernel]
+    if "bias" in node.weights:
+        conv_inputs.append(g.weight(node.weights["bias"]))
+    y = g.op("Conv", conv_inputs, kernel_shape=[kh, kw], strides=list(strides), dilations=list(dilation),
+             group=int(cin), pads=_pads(node, (height, width), (kh, kw), strides, dilation))
+    spatial = output_sizes(node.attrs["padding"], (height, width), (kh, kw), strides, dilation)
+    return _activate(g, node, _nhwc(g, y), (None, *spatial, cin * multiplier))
+
+
+@LOWERINGS.register("attention")
+def _attention(g, node, inputs):
+    query, value, key = inputs
+    attrs = node.attrs
+    rank = len(g.shape(query))
+    scale = g.const(np.float32(attrs.get("scale", 1.0)))
+    if attrs.get("score_mode", "dot") == "dot":
+        swapped = [*range(rank - 2), rank - 1, rank - 2]
+        scores = g.op("Mul", [g.op("MatMul", [query, g.op("Transpose", [key], perm=swapped)]), scale])
+    else:
+        pairs = g.op("Add", [g.op("Unsqueeze", [query, g.const([rank - 1], "int64")]),
+                             g.op("Unsqueeze", [key, g.const([rank - 2], "int64")])])
+        summed = g.op("ReduceSum", [g.op("Tanh", [g.op("Mul", [pairs, scale])]), g.const([-1], "int64")], keepdims=0)
+        scores = g.op("Mul", [summed, g.const(np.float32(attrs.get("concat_weight", 1.0)))])
+    if attrs.get("causal", False):
+        scores = g.op("Add", [scores, g.const(causal_bias(g.shape(query)[-2], g.shape(key)[-2]))])
+    return g.op("MatMul", [g.op("Softmax", [scores], axis=-1), value])
 
 
 @LOWERINGS.register("embedding")
@@ -377,28 +435,38 @@ def _layer_norm(g, node, inputs):
 
 
 def _pool(g, node, x, op_type, **attributes):
-    height, width, _ = _static(g.shape(x), node.op)
+    """A 2-D or 3-D pool (by the rank of ``x``), channels-first inside."""
+    rank = len(g.shape(x))
+    spatial = _static(g.shape(x), node.op)[:rank - 2]
     pool, strides = tuple(node.attrs["pool_size"]), tuple(node.attrs["strides"])
-    pads = _pads(node, (height, width), pool, strides)
-    y = g.op(op_type, [_nchw(g, x)], kernel_shape=list(pool), strides=list(strides), pads=pads, **attributes)
-    return _nhwc(g, y)
+    pads = _pads(node, spatial, pool, strides)
+    y = g.op(op_type, [_nchw(g, x, rank)], kernel_shape=list(pool), strides=list(strides), pads=pads, **attributes)
+    return _nhwc(g, y, rank)
 
 
-@LOWERINGS.register("max_pool2d")
-def _max_pool2d(g, node, inputs):
+@LOWERINGS.register("max_pool2d", "max_pool3d")
+def _max_pool(g, node, inputs):
     return _pool(g, node, inputs[0], "MaxPool")  # padded cells never win, as with TensorFlow's -inf padding
 
 
-@LOWERINGS.register("avg_pool2d")
-def _avg_pool2d(g, node, inputs):
+@LOWERINGS.register("avg_pool2d", "avg_pool3d")
+def _avg_pool(g, node, inputs):
     # count_include_pad=0: padded cells are left out of the count, as in TensorFlow and the reference.
     return _pool(g, node, inputs[0], "AveragePool", count_include_pad=0)
 
 
+def _reduce(g, node, x, op_type):
+    return g.op(op_type, [x], axes=[int(a) for a in node.attrs["axes"]], keepdims=int(bool(node.attrs.get("keepdims", False))))
+
+
 @LOWERINGS.register("global_avg_pool")
 def _global_avg_pool(g, node, inputs):
-    (x,) = inputs
-    return g.op("ReduceMean", [x], axes=[int(a) for a in node.attrs["axes"]], keepdims=int(bool(node.attrs.get("keepdims", False))))
+    return _reduce(g, node, inputs[0], "ReduceMean")
+
+
+@LOWERINGS.register("global_max_pool")
+def _global_max_pool(g, node, inputs):
+    return _reduce(g, node, inputs[0], "ReduceMax")
 
 
 # -- ops: shape and wiring -----------------------------------------------------------------------
@@ -421,10 +489,70 @@ def _reshape(g, node, inputs):
 
 @LOWERINGS.register("add")
 def _add(g, node, inputs):
-    total = inputs[0]
-    for x in inputs[1:]:  # left to right, as the reference sums
-        total = g.op("Add", [total, x])
-    return total
+    return _fold(g, inputs, "Add")
+
+
+def _fold(g, inputs, op_type: str) -> str:
+    result = inputs[0]
+    for x in inputs[1:]:  # left to right, as the reference
+        result = g.op(op_type, [result, x])
+    return result
+
+
+@LOWERINGS.register("subtract")
+def _subtract(g, node, inputs):
+    return g.op("Sub", list(inputs))
+
+
+@LOWERINGS.register("divide")
+def _divide(g, node, inputs):
+    return g.op("Div", list(inputs))
+
+
+@LOWERINGS.register("multiply")
+def _multiply(g, node, inputs):
+    return _fold(g, inputs, "Mul")
+
+
+@LOWERINGS.register("maximum")
+def _maximum(g, node, inputs):
+    return _fold(g, inputs, "Max")
+
+
+@LOWERINGS.register("minimum")
+def _minimum(g, node, inputs):
+    return _fold(g, inputs, "Min")
+
+
+@LOWERINGS.register("average")
+def _average(g, node, inputs):
+    return g.op("Div", [_fold(g, inputs, "Add"), g.const(np.float32(len(inputs)))])
+
+
+@LOWERINGS.register("transpose")
+def _transpose(g, node, inputs):
+    return g.op("Transpose", [inputs[0]], perm=[int(p) for p in node.attrs["perm"]])
+
+
+@LOWERINGS.register("tile")
+def _tile(g, node, inputs):
+    return g.op("Tile", [inputs[0], g.const([1, *node.attrs["reps"]], "int64")])
+
+
+@LOWERINGS.register("pad")
+def _pad(g, node, inputs):
+    pads = list(node.attrs["pads"])
+    return g.op("Pad", [inputs[0], g.const([0, *pads[0::2], 0, *pads[1::2]], "int64")], mode="constant")
+
+
+@LOWERINGS.register("crop")
+def _crop(g, node, inputs):
+    (x,) = inputs
+    crops = list(node.attrs["crops"])
+    sizes = _static(g.shape(x), "crop")
+    ends = [d - a for d, a in zip(sizes, crops[1::2])]
+    axes = list(range(1, len(sizes) + 1))
+    return g.op("Slice", [x, g.const(crops[0::2], "int64"), g.const(ends, "int64"), g.const(axes, "int64")])
 
 
 @LOWERINGS.register("concat")

@@ -37,6 +37,8 @@ from mann_edge.converters.lowering import check_nodes, lowering_tables, split_ac
 from mann_edge.converters.options import check_dtype
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE
 from mann_edge.graph.model import CompactModel, Node, Task
+from mann_edge.graph.ops import causal_bias
+from mann_edge.graph.windows import output_sizes, window_pads
 
 __all__ = [
     "OWNER",
@@ -188,6 +190,88 @@ def _conv2d(node, inputs, weights, options):
     return _activate(y, node)
 
 
+# TFLite's converter encodes a constant sparse from this share of zeros on (and only for FC and 2-D convolutions).
+_SPARSE_MIN_ZEROS = 0.3
+
+
+@LOWERINGS.register("conv3d")
+def _conv3d(node, inputs, weights, options):
+    (x,) = inputs
+    kernel = weights["kernel"]
+    if isinstance(kernel, tf.Variable):
+        with tf.init_scope():  # the variable's value, read eagerly while the task function is traced
+            values = kernel.numpy()
+    else:
+        values = kernel
+    if np.count_nonzero(values) <= (1 - _SPARSE_MIN_ZEROS) * values.size:
+        y = _conv3d_as_conv2d(node, tf.cast(x, tf.float32), kernel)
+    else:
+        y = tf.nn.conv3d(  # TFLite's CONV_3D
+            tf.cast(x, tf.float32),
+            kernel,
+            strides=[1, *node.attrs["strides"], 1],
+            padding=node.attrs["padding"].upper(),
+            dilations=[1, *node.attrs.get("dilation", (1, 1, 1)), 1],
+        )
+    if "bias" in weights:
+        y = y + weights["bias"]
+    return _activate(y, node)
+
+
+def _conv3d_as_conv2d(node, x, kernel):
+    """A 3-D convolution as one CONV_2D per depth tap, summed: TFLite's converter keeps CONV_2D kernels sparse,
+    never CONV_3D ones.
+
+    Tap ``i`` reads depth ``d * stride + i * dilation`` of the depth-padded input for output depth ``d``:
+    those slices, batched as images, go through the tap's (kh, kw, cin, cout) kernel.
+    """
+    (sd, sh, sw), (dd, dh, dw) = node.attrs["strides"], node.attrs.get("dilation", (1, 1, 1))
+    kd = int(kernel.shape[0])
+    depth, height, width, channels = (int(d) for d in x.shape[1:])
+    ((before, after),) = window_pads(node.attrs["padding"], (depth,), (kd,), (sd,), (dd,))
+    (out,) = output_sizes(node.attrs["padding"], (depth,), (kd,), (sd,), (dd,))
+    x = tf.pad(x, [[0, 0], [before, after], [0, 0], [0, 0], [0, 0]]) if before or after else x
+    total = None
+    for i in range(kd):
+        start = i * dd
+        slices = x[:, start:start + (out - 1) * sd + 1:sd]
+        y = tf.nn.conv2d(tf.reshape(slices, [-1, height, width, channels]), kernel[i], strides=[1, sh, sw, 1],
+                         padding=node.attrs["padding"].upper(), dilations=[dh, dw])
+        y = tf.reshape(y, [-1, out, *(int(d) for d in y.shape[1:])])
+        total = y if total is None else total + y
+    return total
+
+
+@LOWERINGS.register("depthwise_conv2d")
+def _depthwise_conv2d(node, inputs, weights, options):
+    (x,) = inputs
+    y = tf.nn.depthwise_conv2d(  # TFLite's DEPTHWISE_CONV_2D; output channel c * multiplier + m, as the reference
+        tf.cast(x, tf.float32),
+        weights["kernel"],
+        strides=[1, *node.attrs["strides"], 1],
+        padding=node.attrs["padding"].upper(),
+        dilations=list(node.attrs.get("dilation", (1, 1))),
+    )
+    if "bias" in weights:
+        y = y + weights["bias"]
+    return _activate(y, node)
+
+
+@LOWERINGS.register("attention")
+def _attention(node, inputs, weights, options):
+    query, value, key = inputs
+    attrs = node.attrs
+    scale = np.float32(attrs.get("scale", 1.0))
+    if attrs.get("score_mode", "dot") == "dot":
+        scores = tf.matmul(query, key, transpose_b=True) * scale  # BATCH_MATMUL
+    else:
+        summed = tf.reduce_sum(tf.tanh(scale * (tf.expand_dims(query, -2) + tf.expand_dims(key, -3))), axis=-1)
+        scores = np.float32(attrs.get("concat_weight", 1.0)) * summed
+    if attrs.get("causal", False):
+        scores = scores + causal_bias(int(scores.shape[-2]), int(scores.shape[-1]))
+    return tf.matmul(tf.nn.softmax(scores, axis=-1), value)
+
+
 @LOWERINGS.register("embedding")
 def _embedding(node, inputs, weights, options):
     (ids,) = inputs
@@ -237,10 +321,40 @@ def _avg_pool2d(node, inputs, weights, options):
     return tf.nn.avg_pool2d(x, list(attrs["pool_size"]), list(attrs["strides"]), attrs["padding"].upper())
 
 
+def _pool3d(x, attrs, pool2d):
+    """A 3-D pool as two 2-D ones: over (H, W) per depth slice, then over D (TFLite has no builtin 3-D pool).
+
+    Max and TensorFlow's 'same' average (which leaves padded cells out of the count) both
+    separate: the count of a 3-D window is the product of its depth and (H, W) counts.
+    """
+    (pd, ph, pw), (sd, sh, sw), padding = attrs["pool_size"], attrs["strides"], attrs["padding"].upper()
+    _, depth, height, width, channels = (int(d) if d is not None else None for d in x.shape)
+    y = pool2d(tf.reshape(x, [-1, height, width, channels]), [ph, pw], [sh, sw], padding)
+    ho, wo = int(y.shape[1]), int(y.shape[2])
+    y = pool2d(tf.reshape(y, [-1, depth, ho * wo, channels]), [pd, 1], [sd, 1], padding)
+    return tf.reshape(y, [-1, int(y.shape[1]), ho, wo, channels])
+
+
+@LOWERINGS.register("max_pool3d")
+def _max_pool3d(node, inputs, weights, options):
+    return _pool3d(inputs[0], node.attrs, tf.nn.max_pool2d)
+
+
+@LOWERINGS.register("avg_pool3d")
+def _avg_pool3d(node, inputs, weights, options):
+    return _pool3d(inputs[0], node.attrs, tf.nn.avg_pool2d)
+
+
 @LOWERINGS.register("global_avg_pool")
 def _global_avg_pool(node, inputs, weights, options):
     (x,) = inputs
     return tf.reduce_mean(x, axis=list(node.attrs["axes"]), keepdims=bool(node.attrs.get("keepdims", False)))
+
+
+@LOWERINGS.register("global_max_pool")
+def _global_max_pool(node, inputs, weights, options):
+    (x,) = inputs
+    return tf.reduce_max(x, axis=list(node.attrs["axes"]), keepdims=bool(node.attrs.get("keepdims", False)))
 
 
 # -- ops: shape and wiring -----------------------------------------------------------------------
@@ -264,10 +378,68 @@ def _reshape(node, inputs, weights, options):
 
 @LOWERINGS.register("add")
 def _add(node, inputs, weights, options):
-    total = inputs[0]
-    for x in inputs[1:]:  # left to right, as the reference sums
-        total = total + x
-    return total
+    return _fold(inputs, tf.add)
+
+
+def _fold(inputs, combine):
+    result = inputs[0]
+    for x in inputs[1:]:  # left to right, as the reference
+        result = combine(result, x)
+    return result
+
+
+@LOWERINGS.register("subtract")
+def _subtract(node, inputs, weights, options):
+    return tf.subtract(*inputs)
+
+
+@LOWERINGS.register("divide")
+def _divide(node, inputs, weights, options):
+    return tf.divide(*inputs)
+
+
+@LOWERINGS.register("multiply")
+def _multiply(node, inputs, weights, options):
+    return _fold(inputs, tf.multiply)
+
+
+@LOWERINGS.register("maximum")
+def _maximum(node, inputs, weights, options):
+    return _fold(inputs, tf.maximum)
+
+
+@LOWERINGS.register("minimum")
+def _minimum(node, inputs, weights, options):
+    return _fold(inputs, tf.minimum)
+
+
+@LOWERINGS.register("average")
+def _average(node, inputs, weights, options):
+    return _fold(inputs, tf.add) / np.float32(len(inputs))
+
+
+@LOWERINGS.register("transpose")
+def _transpose(node, inputs, weights, options):
+    return tf.transpose(inputs[0], list(node.attrs["perm"]))
+
+
+@LOWERINGS.register("tile")
+def _tile(node, inputs, weights, options):
+    return tf.tile(inputs[0], [1, *node.attrs["reps"]])
+
+
+@LOWERINGS.register("pad")
+def _pad(node, inputs, weights, options):
+    pads = list(node.attrs["pads"])
+    return tf.pad(inputs[0], [[0, 0], *zip(pads[0::2], pads[1::2])])
+
+
+@LOWERINGS.register("crop")
+def _crop(node, inputs, weights, options):
+    (x,) = inputs
+    crops = list(node.attrs["crops"])
+    sizes = [int(d) for d in x.shape[1:]]
+    return x[(slice(None), *(slice(b, d - a) for b, a, d in zip(crops[0::2], crops[1::2], sizes)))]
 
 
 @LOWERINGS.register("concat")

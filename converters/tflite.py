@@ -28,22 +28,27 @@ Choices, and why:
   inside the sparse encoding, DENSIFY then DEQUANTIZE in front of each weight's consumer.
   Weights are stored float16, everything computes in float32 (LiteRT computes the
   DEQUANTIZE of a constant once and keeps it; XNNPACK converts the weights at load).
-- ``dtype="int8"``: dynamic-range quantization (``Optimize.DEFAULT`` without a
-  representative dataset): weights of 1024 elements or more are stored int8 with their
-  scales, activations stay float; FULLY_CONNECTED and CONV_2D run their hybrid kernels
-  (inputs quantized on the fly, per batch row). With ``sparse=True`` the int8 weights take
-  the sparse encoding too, and 1x16-block weights run the sparse int8 kernel. Errors are
-  those of 8-bit values, so int8 exports are checked against a tolerance relative to
-  each output's scale (`mann_edge.converters.validation.tolerances`).
-- Every int8 export is verified before it is written: LiteRT 2.3's XNNPACK delegate gives
-  wrong outputs (NaN or far-off values on x86) on int8 1x16 block-sparse weights, and cannot
-  prepare int8 weights behind a DENSIFY op (unstructured int8). When XNNPACK fails the
-  check and the builtin kernels pass it, the file records ``mann_edge_use_xnnpack =
-  false``, `LiteRTSession` then runs it without XNNPACK, and the export warns
-  (`XnnpackFallbackWarning`). When the builtin kernels fail too, the export fails.
-- The manifest (``mann_edge_manifest``), the dtype (``mann_edge_dtype``) and, for int8,
-  the kernel decision (``mann_edge_use_xnnpack``) are model metadata entries, written
-  into the converter's flatbuffer with the schema's object API (file identifier TFL3);
+- ``dtype="int8"``: full-integer quantization (``Optimize.DEFAULT`` with a representative
+  dataset: the calibration inputs, one example at a time per signature; builtin int8 ops
+  only): int8 weights (per channel) and activations, float inputs and outputs unless
+  ``int8_io``. ``dtype="int8_dynamic"``: dynamic-range quantization (no representative
+  dataset): weights of 1024 elements or more int8, activations float, FULLY_CONNECTED and
+  CONV_2D on their hybrid kernels. Errors are those of 8-bit values, so both are checked
+  against a tolerance relative to each output's scale
+  (`mann_edge.converters.validation.tolerances`), a full-integer file on its calibration
+  inputs.
+- Every file runs in LiteRT's default interpreter (XNNPACK on, as on Android); no export
+  asks the user to switch a delegate off. LiteRT 2.3's XNNPACK cannot prepare int8 weights
+  behind a DENSIFY op ("failed to delegate FULLY_CONNECTED ... TfLiteXNNPackDelegate
+  failed to prepare") and runs dynamic-range int8 1x16 blocks wrong on x86. So a
+  full-integer export keeps an int8 weight sparse only where the sparse int8 kernel reads
+  it (1x16 blocks) and stores the others dense (`densify_where_larger`); an
+  ``int8_dynamic`` export is written dense. A `DenseWeightsWarning` says so at export
+  time, and every int8 export is verified in the default interpreter before it is written.
+  Files written before this record ``mann_edge_use_xnnpack = false``; `LiteRTSession`
+  still honours that entry.
+- The manifest (``mann_edge_manifest``) and the dtype (``mann_edge_dtype``) are model metadata
+  entries, written into the converter's flatbuffer with the schema's object API (file identifier TFL3);
   `mann_edge.runtime.litert` rebuilds the tasks from them.
 
 Example:
@@ -64,16 +69,29 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from mann_edge.bundle import manifest_of
-from mann_edge.converters.options import check_bool, check_dtype, check_names
-from mann_edge.converters.tf_lowering import ACTIVATION_LOWERINGS, LOWERINGS, OWNER, build_module, check_lowerings
-from mann_edge.converters.validation import DEFAULT_BATCHES, ValidationReport, compare, scaled_atol, tolerances
+from mann_edge.converters.options import check_bool, check_dtype, check_names, read_arrays, task_arrays
+from mann_edge.converters.tf_lowering import (
+    ACTIVATION_LOWERINGS,
+    LOWERINGS,
+    OWNER,
+    build_module,
+    check_lowerings,
+)
+from mann_edge.converters.validation import (
+    DEFAULT_BATCHES,
+    INT8_DTYPES,
+    ValidationReport,
+    compare,
+    scaled_atol,
+    tolerances,
+)
 from mann_edge.errors import ConversionError, MannEdgeError
-from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_USE_XNNPACK
+from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST
 from mann_edge.files import atomic_output
 from mann_edge.graph.model import CompactModel
 from mann_edge.runtime.litert import (
@@ -85,6 +103,7 @@ from mann_edge.runtime.litert import (
 )
 
 __all__ = [
+    "sparse_layers",
     "LOWERINGS",
     "ACTIVATION_LOWERINGS",
     "FORMAT",
@@ -96,7 +115,10 @@ __all__ = [
     "operators",
     "add_metadata",
     "densify_where_larger",
-    "XnnpackFallbackWarning",
+    "kernel_report",
+    "runner",
+    "DenseWeightsWarning",
+    "CALIBRATION_EXAMPLES",
 ]
 
 FORMAT = "tflite"
@@ -104,23 +126,43 @@ FORMAT = "tflite"
 _MAX_MESSAGE = 500
 
 
-class XnnpackFallbackWarning(UserWarning):
-    """An export runs wrong under LiteRT's XNNPACK delegate and right on the builtin kernels: it records XNNPACK off."""
+class DenseWeightsWarning(UserWarning):
+    """Sparse weights of an export that LiteRT will run dense (stored dense, or expanded at load): says which and why."""
+
+
+# Calibration examples the converter reads per task (one at a time): enough for stable activation
+# ranges on the samples, and a bounded conversion time on large data.
+CALIBRATION_EXAMPLES = 200
 
 
 def check_options(*, dtype: str = "float32", **options) -> None:
     """ConversionError for a ``dtype`` or an `export` option the TFLite export would refuse; writes nothing.
 
-    Options: ``sparse`` (a bool). ``force`` is not an option: it says what to do with the output path.
+    Options: ``sparse`` (a bool), ``calibration`` (data for dtype 'int8', required there and
+    nowhere else), ``int8_io`` (a bool, dtype 'int8' only). ``force`` is not an option: it
+    says what to do with the output path.
 
     Example:
         >>> check_options(dtype="int4")
         Traceback (most recent call last):
-        ConversionError: TFLite export takes dtype 'float32', 'float16' or 'int8'. Received: 'int4'
+        ConversionError: TFLite export takes dtype 'float32', 'float16', 'int8' or 'int8_dynamic'. Received: 'int4'
     """
-    check_names(options, ["sparse"], owner=OWNER)
+    check_names(options, ["sparse", "calibration", "int8_io"], owner=OWNER)
     check_dtype(FORMAT, dtype, owner=OWNER)
     check_bool("sparse", options.get("sparse", True), owner=OWNER)
+    check_bool("int8_io", options.get("int8_io", False), owner=OWNER)
+    calibrated = options.get("calibration") is not None
+    if dtype == "int8" and not calibrated:
+        raise ConversionError(
+            f"{OWNER} with dtype 'int8' (full-integer: int8 weights and activations) needs calibration data: "
+            "representative inputs, one array per model input name (--calibration data.npz, or calibration=...). "
+            "Received none; dtype 'int8_dynamic' quantizes the weights alone without it"
+        )
+    if dtype != "int8" and calibrated:
+        raise ConversionError(f"{OWNER} reads calibration data for dtype 'int8' only. Received: dtype={dtype!r}")
+    if options.get("int8_io", False) and dtype != "int8":
+        raise ConversionError(f"{OWNER} option `int8_io` (int8 inputs and outputs) needs dtype 'int8'. "
+                              f"Received: dtype={dtype!r}")
 
 
 def artifact_name(**export_options) -> str:
@@ -139,74 +181,115 @@ def export(
     *,
     dtype: str = "float32",
     sparse: bool = True,
+    calibration: "str | os.PathLike | Mapping[str, np.ndarray] | None" = None,
+    int8_io: bool = False,
     force: bool = False,
 ) -> Path:
     """Writes ``model`` as one ``.tflite`` file at ``path`` (atomically) and returns ``path``.
 
+    Every file runs in LiteRT's default interpreter (XNNPACK on): int8 exports are verified
+    there before they are written, and weights in an encoding XNNPACK cannot run are stored
+    dense (a `DenseWeightsWarning` names them).
+
     Args:
         model: the compact model; every task becomes a signature named after it.
         path: the output file (an existing one is refused unless ``force``).
-        dtype: 'float32'; 'float16' to store the weights as float16; 'int8' for dynamic-range
-            quantization (int8 weights, float activations), verified before it is written.
+        dtype: 'float32'; 'float16' to store the weights as float16; 'int8' for full-integer
+            quantization (int8 weights and activations, activation ranges calibrated on
+            ``calibration``); 'int8_dynamic' for dynamic-range quantization (int8 weights,
+            float activations, no calibration; stored dense, see the module docstring).
         sparse: store sparse weights in TFLite's sparse encoding (False: all dense).
+        calibration: dtype 'int8' only, required there: representative inputs, an ``.npz``
+            path or a mapping with one array per model input name (batch first); each task
+            reads its first `CALIBRATION_EXAMPLES` examples.
+        int8_io: dtype 'int8' only: int8 input and output tensors (float ones otherwise);
+            `LiteRTSession` quantizes float inputs and dequantizes outputs at the boundary.
         force: overwrite an existing ``path``.
 
     Raises:
         ConversionError: an op without a lowering, a bad option, the converter failing, or an
-            int8 export that does not match ``model`` even on the builtin kernels.
+            int8 export that LiteRT's default interpreter does not run close to ``model``.
+        InputError: calibration data that does not fit the model's inputs (names, shapes).
         OutputExistsError: ``path`` exists and ``force`` is False.
 
     Warns:
-        XnnpackFallbackWarning: an int8 export that XNNPACK runs wrong; the file records
-            that XNNPACK must stay off, and `LiteRTSession` honours it.
+        DenseWeightsWarning: sparse weights that will run dense, with the reason.
 
     Example:
-        >>> export(cm, "model.tflite", dtype="float16")
+        >>> export(cm, "model.tflite", dtype="int8", calibration="calibration.npz")
         PosixPath('model.tflite')
     """
-    check_options(dtype=dtype, sparse=sparse)
+    check_options(dtype=dtype, sparse=sparse, calibration=calibration, int8_io=int8_io)
     check_lowerings(model)
+    data = _calibration_inputs(model, calibration) if dtype == "int8" else None
     path = Path(path)
     metadata = {METADATA_MANIFEST: json.dumps(manifest_of(model)).encode(), METADATA_DTYPE: dtype.encode()}
+    # Dynamic-range int8 is written dense: XNNPACK cannot prepare its weights behind DENSIFY and runs
+    # its 1x16 blocks wrong (LiteRT 2.3, x86), so no sparse form of it runs in the default interpreter.
+    encode_sparse = sparse and dtype != "int8_dynamic"
     with atomic_output(path, force=force) as tmp:
-        flatbuffer = _convert(model, dtype=dtype, sparse=sparse)
-        if sparse and dtype != "int8":
+        full_integer = {"calibration": data, "int8_io": int8_io} if dtype == "int8" else {}
+        flatbuffer = _convert(model, dtype=dtype, sparse=encode_sparse, **full_integer)
+        if encode_sparse:
             flatbuffer = densify_where_larger(flatbuffer)
         tmp.write_bytes(add_metadata(flatbuffer, metadata))
-        if dtype == "int8":
-            use_xnnpack = _choose_kernels(model, tmp, path)
-            tmp.write_bytes(add_metadata(flatbuffer, {**metadata, METADATA_USE_XNNPACK: str(use_xnnpack).lower().encode()}))
+        if dtype in INT8_DTYPES:
+            _check_default_interpreter(model, tmp, path, data)
+        _warn_dense(model, tmp, path, dtype=dtype, sparse=sparse)
     return path
 
 
-def _choose_kernels(model: CompactModel, written: Path, path: Path) -> bool:
-    """Whether XNNPACK may run the export ``written`` (to become ``path``): verified, never assumed.
+def _calibration_inputs(model: CompactModel, calibration) -> dict[str, dict[str, np.ndarray]]:
+    """task -> its calibration inputs (at most `CALIBRATION_EXAMPLES` examples), checked against the model."""
+    arrays = read_arrays(calibration, what="calibration data")
+    return {task: {name: array[:CALIBRATION_EXAMPLES]
+                   for name, array in task_arrays(model, task, arrays, what="calibration data").items()}
+            for task in model.task_names}
 
-    XNNPACK first, as LiteRT applies it by default; when it runs the file wrong or cannot
-    prepare it (XNNPACK refuses int8 weights behind a DENSIFY op), the builtin kernels.
-    A file that neither runs right is refused with both findings.
+
+def _check_default_interpreter(model: CompactModel, written: Path, path: Path, data) -> None:
+    """ConversionError unless LiteRT's default interpreter (XNNPACK on) runs ``written`` (to become ``path``) right.
+
+    Verified, never assumed: LiteRT 2.3's XNNPACK delegate runs some int8 encodings wrong
+    (DESIGN.md). A full-integer file is checked on its calibration inputs, the range its
+    activations were quantized for.
     """
     try:
-        with_xnnpack = validate(model, written, use_xnnpack=True)
-        xnnpack_problem = "" if with_xnnpack.ok else _worst(with_xnnpack)
+        report = validate(model, written, use_xnnpack=True, inputs=data)
+        problem = "" if report.ok else _worst(report)
     except MannEdgeError as error:
-        xnnpack_problem = str(error).replace(str(written), str(path))
-    if not xnnpack_problem:
-        return True
-    builtin = validate(model, written, use_xnnpack=False)
-    if builtin.ok:
-        warnings.warn(
-            f"{path}: LiteRT's XNNPACK delegate does not run this int8 export right ({xnnpack_problem}); the "
-            f"builtin kernels do (max abs error {builtin.max_abs_error:.3g}). The file records "
-            f"{METADATA_USE_XNNPACK}=false, so mann_edge.runtime runs it without XNNPACK",
-            XnnpackFallbackWarning,
-            stacklevel=3,
+        problem = str(error)
+    if problem:
+        raise ConversionError(
+            f"TFLite {read_metadata(written)[METADATA_DTYPE].decode()} export {path} does not run right in LiteRT's "
+            f"default interpreter (XNNPACK on): {problem.replace(str(written), str(path))}. "
+            "Export it as float16 or float32 instead"
         )
-        return False
-    raise ConversionError(
-        f"TFLite int8 export {path} does not match the compact model: with XNNPACK {xnnpack_problem}; "
-        f"with the builtin kernels {_worst(builtin)}. Export it as float16 or float32 instead"
-    )
+
+
+def _warn_dense(model: CompactModel, written: Path, path: Path, *, dtype: str, sparse: bool) -> None:
+    """A DenseWeightsWarning naming the sparse weights of ``model`` that the file at ``written`` runs dense."""
+    # TFLite's converter encodes weights with at least 30 % zeros: the ones this warning is about
+    sparse_kernels = [row for row in model.node_stats()
+                      if row["op"] in ("dense", "conv2d") and row["params"] and row["nonzeros"] <= 0.7 * row["params"]]
+    # float exports run DENSIFY'd weights as fast as dense ones (`kernel_report` and the convert table say
+    # which run sparse); int8 ones are where the choice changes what is written
+    if dtype not in INT8_DTYPES or not sparse or not sparse_kernels:
+        return
+    kernels = kernel_report(written)
+    stored_dense = sum(1 for row in kernels if row["stored"] == "dense")
+    if dtype == "int8_dynamic":
+        warnings.warn(
+            f"{path}: dtype 'int8_dynamic' stores every weight dense and runs it dense (LiteRT's XNNPACK delegate, "
+            "on by default, cannot run dynamic-range int8 sparse weights); dtype 'int8' with calibration data keeps "
+            "1x16-block sparse weights sparse", DenseWeightsWarning, stacklevel=3)
+    elif stored_dense:
+        sparse_run = sum(1 for row in kernels if row["runs"] == "sparse")
+        warnings.warn(
+            f"{path}: {stored_dense} of {len(kernels)} int8 weights are stored and run dense ({sparse_run} run "
+            "LiteRT's sparse int8 kernel): unstructured masks would need DENSIFY, which XNNPACK (on by default) "
+            "cannot prepare for int8, or the sparse form is not smaller; prune with RSN2 block_size=16 (1x16 blocks) "
+            "to keep them sparse", DenseWeightsWarning, stacklevel=3)
 
 
 def _worst(report: ValidationReport) -> str:
@@ -225,6 +308,7 @@ def validate(
     tasks: Sequence[str] | None = None,
     use_xnnpack: bool | None = None,
     batches: Sequence[int] = DEFAULT_BATCHES,
+    inputs: "Mapping[str, Mapping[str, np.ndarray]] | None" = None,
 ) -> ValidationReport:
     """Runs the export at ``path`` through LiteRT on sample inputs (batch 1 and 8) and compares it with ``model``.
 
@@ -232,7 +316,9 @@ def validate(
     (`mann_edge.converters.validation.tolerances`); for int8 files ``atol`` is a fraction
     of each output's scale (its largest absolute reference value). ``use_xnnpack``: True
     checks the XNNPACK delegate, False the builtin kernels, None (default) what
-    `LiteRTSession` runs by default for this file.
+    `LiteRTSession` runs by default for this file. ``inputs``: task -> input arrays to
+    check on instead of random ones (a full-integer file's calibration data: random
+    inputs fall outside the ranges its activations were quantized for).
 
     Example:
         >>> report = validate(cm, "model.tflite")
@@ -252,7 +338,71 @@ def validate(
         tasks=tasks,
         batches=batches,
         scaled_atol=scaled_atol(dtype),
+        inputs=inputs,
     )
+
+
+def runner(path: "str | os.PathLike") -> Callable[[str, Mapping[str, np.ndarray]], list[np.ndarray]]:
+    """A function running one task of the ``.tflite`` file at ``path`` in LiteRT's default interpreter.
+
+    Example:
+        >>> probabilities = runner("model.tflite")("digits", {"digits_image": x})[0]
+    """
+    return LiteRTSession(path).run
+
+
+def sparse_layers(path: "str | os.PathLike") -> tuple[int, int]:
+    """(weights LiteRT runs sparse, weights of FULLY_CONNECTED and convolution ops) in the file at ``path``.
+
+    Example:
+        >>> sparse_layers("model.tflite")    # 1x16-block int8 weights: the sparse int8 kernel
+        (6, 6)
+    """
+    rows = kernel_report(path)
+    return sum(row["runs"] == "sparse" for row in rows), len(rows)
+
+
+def kernel_report(path: "str | os.PathLike") -> list[dict]:
+    """Per FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D op of a ``.tflite`` file: how its weight is stored and run.
+
+    Each row: ``op`` (its name and subgraph index), ``weight`` (the tensor's name), ``type``
+    ('FLOAT32', 'INT8'...), ``stored`` ('dense', 'sparse' or 'block 1xN') and ``runs``
+    ('sparse' when the op reads the sparse tensor itself, which only TFLite's sparse
+    FULLY_CONNECTED kernels do; 'dense' behind a DENSIFY op or for a dense weight).
+    Weights shared by several signatures appear once per signature.
+
+    Example:
+        >>> [(row["stored"], row["runs"]) for row in kernel_report("model.tflite")]
+        [('block 1x16', 'sparse'), ('sparse', 'dense')]
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(Path(path).read_bytes()), 0)
+    names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    types = {code: name for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
+    codes = [names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "?") for c in model.operatorCodes or []]
+    rows = []
+    for index, subgraph in enumerate(model.subgraphs or []):
+        made_by = {int(op.outputs[0]): op for op in subgraph.operators or [] if codes[op.opcodeIndex] == "DENSIFY"}
+        for op in subgraph.operators or []:
+            if codes[op.opcodeIndex] not in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"):
+                continue
+            weight_index = int(op.inputs[1])
+            densify = made_by.get(weight_index)
+            tensor = subgraph.tensors[int(densify.inputs[0]) if densify else weight_index]
+            stored = "dense"
+            if tensor.sparsity is not None:
+                block = [int(d) for d in tensor.sparsity.blockMap] if tensor.sparsity.blockMap is not None else []
+                size = int(tensor.sparsity.dimMetadata[-1].denseSize) if block else 1
+                stored = f"block 1x{size}" if block else "sparse"
+            rows.append({
+                "op": f"{codes[op.opcodeIndex]}#{index}",
+                "weight": (tensor.name or b"").decode() if isinstance(tensor.name, bytes) else str(tensor.name or ""),
+                "type": types.get(tensor.type, str(tensor.type)),
+                "stored": stored,
+                "runs": "sparse" if stored != "dense" and densify is None else "dense",
+            })
+    return rows
 
 
 def operators(path: "str | os.PathLike") -> list[str]:
@@ -291,7 +441,8 @@ def add_metadata(flatbuffer: bytes, entries: Mapping[str, bytes]) -> bytes:
 
 
 # TensorType -> numpy dtype of the weights the rewrite below may densify.
-_FLOAT_TYPES = {0: np.float32, 1: np.float16}
+_WEIGHT_TYPES = {0: np.float32, 1: np.float16, 9: np.int8}
+_INT8 = 9
 
 
 def densify_where_larger(flatbuffer: bytes) -> bytes:
@@ -303,6 +454,11 @@ def densify_where_larger(flatbuffer: bytes) -> bytes:
     costs: LiteRT expands it once at load (a DENSIFY op) and runs it dense. Here each such
     DENSIFY is replaced by its dense result as a constant, and the sparse tensor is dropped,
     so every weight is stored in the smaller of its two encodings.
+
+    An int8 weight behind a DENSIFY is always stored dense: LiteRT's XNNPACK delegate (on by
+    default) fails to prepare int8 weights behind DENSIFY ("failed to delegate
+    FULLY_CONNECTED ... TfLiteXNNPackDelegate failed to prepare"), and they run dense anyway.
+    1x16-block int8 weights have no DENSIFY (the sparse int8 kernel reads them) and stay.
 
     Example:
         >>> data = densify_where_larger(converter.convert())
@@ -319,13 +475,15 @@ def densify_where_larger(flatbuffer: bytes) -> bytes:
         for op in subgraph.operators or []:
             sparse, dense = (subgraph.tensors[op.inputs[0]], subgraph.tensors[op.outputs[0]]) \
                 if codes[op.opcodeIndex] == schema.BuiltinOperator.DENSIFY else (None, None)
-            if sparse is None or dense.type not in _FLOAT_TYPES or \
-                    _encoded_nbytes(sparse, model) < int(np.prod(dense.shape)) * np.dtype(_FLOAT_TYPES[dense.type]).itemsize:
+            if sparse is None or dense.type not in _WEIGHT_TYPES or (dense.type != _INT8 and _encoded_nbytes(
+                    sparse, model) < int(np.prod(dense.shape)) * np.dtype(_WEIGHT_TYPES[dense.type]).itemsize):
                 kept.append(op)
                 continue
+            if dense.quantization is None or dense.quantization.scale is None:
+                dense.quantization = sparse.quantization  # int8 scales (per channel) live on the sparse tensor
             if sparse.buffer not in densified:
                 buffer = schema.BufferT()
-                buffer.data = np.frombuffer(_decode_sparse(sparse, model, _FLOAT_TYPES[dense.type]).tobytes(), np.uint8)
+                buffer.data = np.frombuffer(_decode_sparse(sparse, model, _WEIGHT_TYPES[dense.type]).tobytes(), np.uint8)
                 model.buffers.append(buffer)
                 densified[sparse.buffer] = len(model.buffers) - 1
             dense.buffer = densified[sparse.buffer]
@@ -432,11 +590,16 @@ def _drop_tensors(model, subgraph_index: int, subgraph, dropped: set[int]) -> No
                 entry.tensorIndex = new[int(entry.tensorIndex)]
 
 
-def _convert(model: CompactModel, *, dtype: str, sparse: bool) -> bytes:
-    """The converter's flatbuffer for ``model``: SavedModel in a temporary directory, then TFLiteConverter."""
+def _convert(model: CompactModel, *, dtype: str, sparse: bool, calibration=None, int8_io: bool = False) -> bytes:
+    """The converter's flatbuffer for ``model``: SavedModel in a temporary directory, then TFLiteConverter.
+
+    ``calibration`` (task -> input arrays; dtype 'int8') becomes the converter's representative
+    dataset: one example at a time, keyed by signature, as it takes several signatures.
+    """
     import tensorflow as tf
 
-    module = build_module(model, dtype, block_align=sparse)
+    # both int8 kinds hand float32 weights to the converter, which quantizes them (block 16 for alignment)
+    module = build_module(model, "int8" if dtype in INT8_DTYPES else dtype, block_align=sparse)
     log: list[str] = []
     try:
         with _quiet() as log, tempfile.TemporaryDirectory(prefix="mann_edge_tflite_") as saved:
@@ -450,14 +613,28 @@ def _convert(model: CompactModel, *, dtype: str, sparse: bool) -> bytes:
             if dtype == "float16":
                 optimizations.add(tf.lite.Optimize.DEFAULT)
                 converter.target_spec.supported_types = [tf.float16]
-            if dtype == "int8":  # no representative dataset: dynamic-range quantization
+            if dtype == "int8_dynamic":  # no representative dataset: dynamic-range quantization
                 optimizations.add(tf.lite.Optimize.DEFAULT)
+            if dtype == "int8":  # full integer: every op int8, or the conversion fails naming it
+                optimizations.add(tf.lite.Optimize.DEFAULT)
+                converter.representative_dataset = lambda: _examples(calibration)
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                if int8_io:
+                    converter.inference_input_type = tf.int8
+                    converter.inference_output_type = tf.int8
             converter.optimizations = optimizations
             return converter.convert()
     except ConversionError:
         raise
     except Exception as error:
         raise _conversion_failure(model, error, log) from error
+
+
+def _examples(calibration: Mapping[str, Mapping[str, np.ndarray]]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """The converter's representative dataset: (signature key, one example's inputs), task after task."""
+    for task, arrays in calibration.items():
+        for row in range(len(next(iter(arrays.values())))):
+            yield task, {name: array[row : row + 1] for name, array in arrays.items()}
 
 
 def _conversion_failure(model: CompactModel, error: Exception, log: list[str]) -> ConversionError:

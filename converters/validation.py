@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +19,22 @@ from mann_edge.errors import InputError, ValidationError
 from mann_edge.graph import plan
 from mann_edge.graph.model import CompactModel, Task
 
-__all__ = ["DEFAULT_BATCHES", "OutputCheck", "ValidationReport", "sample_inputs", "compare", "tolerances", "scaled_atol"]
+__all__ = [
+    "DEFAULT_BATCHES",
+    "OutputCheck",
+    "ValidationReport",
+    "sample_inputs",
+    "compare",
+    "tolerances",
+    "scaled_atol",
+    "evaluate",
+    "METRICS",
+    "INT8_DTYPES",
+    "PALETTE_ATOL",
+    "INT8_ATOL",
+    "FULL_INT8_ATOL",
+    "EVAL_BATCH",
+]
 
 
 # Batch sizes every export is checked at: one example, and several (batched kernels, broadcasting).
@@ -29,12 +44,16 @@ DEFAULT_BATCHES = (1, 8)
 def tolerances(dtype: str) -> tuple[float, float]:
     """Default (atol, rtol) for weights stored as ``dtype``.
 
-    int8 (dynamic-range quantization: int8 weights, inputs quantized per batch row at run
-    time) errs by a share of the size of the values, not per element: its atol is a
+    int8 (full-integer, or dynamic-range 'int8_dynamic': inputs quantized per batch row at
+    run time) errs by a share of the size of the values, not per element: its atol is a
     fraction of each output's scale (``scaled_atol``), INT8_ATOL of it (see below).
     """
     if dtype == "int8":
+        return (FULL_INT8_ATOL, 0.0)
+    if dtype in INT8_DTYPES:
         return (INT8_ATOL, 0.0)
+    if dtype in PALETTE_ATOL:
+        return (PALETTE_ATOL[dtype], 0.0)
     return (1e-5, 1e-4) if dtype == "float32" else (1e-2, 1e-2)
 
 
@@ -43,11 +62,22 @@ def tolerances(dtype: str) -> tuple[float, float]:
 # these errors add up through a network; 5 % keeps the deeper models (7 layers) inside
 # while a broken kernel (a misread block, NaN, a wrong scale) errs by far more.
 INT8_ATOL = 0.05
+# Full-integer int8 also rounds every activation to 256 levels of its calibrated range: twice that.
+FULL_INT8_ATOL = 0.1
 
 
 def scaled_atol(dtype: str) -> bool:
-    """Whether ``atol`` for ``dtype`` is a fraction of each output's scale (int8) rather than absolute."""
-    return dtype == "int8"
+    """Whether ``atol`` for ``dtype`` is a fraction of each output's scale (int8, palettized) rather than absolute."""
+    return dtype in INT8_DTYPES or dtype in PALETTE_ATOL
+
+
+# The dtypes whose values are 8-bit integers (tolerances relative to each output's scale).
+INT8_DTYPES = ("int8", "int8_dynamic", "int8_weights")
+# Palettized weights (Core ML), as a fraction of each output's scale: a palette of 2**N values per weight
+# errs by about half a palette step per weight; this catches a misdecoded palette (values off by whole
+# steps, or misplaced) while 2 bits, four values per weight, is expected to be coarse. Accuracy on
+# labelled data (`convert(evaluation=...)`) is the measure of what a palette costs.
+PALETTE_ATOL = {"palettized8": 0.05, "palettized6": 0.1, "palettized4": 0.25, "palettized2": 1.0}
 
 
 @dataclass
@@ -73,6 +103,7 @@ class ValidationReport:
     rtol: float
     checks: list[OutputCheck] = field(default_factory=list)
     atol_scaled: bool = False  # atol is a fraction of each output's scale (max |reference|)
+    random_inputs: bool = True  # some task was checked on `sample_inputs`, not on given data
 
     @property
     def ok(self) -> bool:
@@ -95,7 +126,11 @@ class ValidationReport:
                    f"{' x output scale' if self.atol_scaled else ''}, rtol {self.rtol:g})")
                 for c in bad
             )
-            raise ValidationError(f"{self.format} export {self.artifact} does not match the compact model: {details}")
+            hint = ("; it was checked on random inputs, and a quantized export matches only in the range it was "
+                    "quantized for: check it on representative inputs (--calibration)"
+                    if self.atol_scaled and self.random_inputs else "")
+            raise ValidationError(f"{self.format} export {self.artifact} does not match the compact model: "
+                                  f"{details}{hint}")
         if not self.checks:
             raise ValidationError(f"{self.format} export {self.artifact}: nothing was checked")
         return self
@@ -140,20 +175,26 @@ def compare(
     batches: Sequence[int] = DEFAULT_BATCHES,
     seed: int = 0,
     scaled_atol: bool = False,
+    inputs: "Mapping[str, Mapping[str, np.ndarray]] | None" = None,
 ) -> ValidationReport:
     """Runs every task (or ``tasks``) through ``run`` and the reference; returns the report (does not raise).
 
     ``scaled_atol``: ``atol`` is a fraction of each output's scale (its largest |reference|
-    value at that batch) instead of an absolute error (int8 exports).
+    value at that batch) instead of an absolute error (int8 exports). ``inputs``: task ->
+    its input arrays, whose first rows make each batch instead of `sample_inputs` (data in
+    the range a full-integer export was calibrated for); tasks it lacks get sample inputs.
     """
-    report = ValidationReport(format, str(artifact), atol, rtol, atol_scaled=scaled_atol)
+    report = ValidationReport(format, str(artifact), atol, rtol, atol_scaled=scaled_atol,
+                              random_inputs=any(name not in (inputs or {}) for name in tasks or model.task_names))
     for name in tasks or model.task_names:
         task = model.task(name)
         for batch in batches:
-            inputs = sample_inputs(model, task, batch, seed)
-            expected = model.run(name, inputs)
+            given = (inputs or {}).get(name)
+            batch_inputs = {key: array[:batch] for key, array in given.items()} if given else \
+                sample_inputs(model, task, batch, seed)
+            expected = model.run(name, batch_inputs)
             try:
-                actual = list(run(name, inputs))
+                actual = list(run(name, batch_inputs))
             except Exception as error:  # the artifact failing to run is a finding, reported with the rest
                 report.checks.append(OutputCheck(name, "*", batch, float("inf"), float("inf"), False, f"failed to run: {error}"))
                 continue
@@ -193,3 +234,68 @@ def _within(want: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> tupl
         return False, f"{int(mismatched.sum())} non-finite value(s) where the reference differs", abs_error, rel_error
     ok = bool(np.all(diff <= atol + rtol * np.abs(want64[finite])))
     return ok, "", abs_error, rel_error
+
+
+# Examples run at once when evaluating (bounded memory on large evaluation sets).
+EVAL_BATCH = 256
+
+
+def _accuracy(outputs: np.ndarray, labels: np.ndarray, task: str) -> float:
+    """Share of examples whose predicted class is the label: argmax over the last axis, or ``> 0.5`` for one unit.
+
+    Labels are class ids ``(N,)`` or one-hot rows ``(N, classes)``.
+    """
+    width = outputs.shape[-1]
+    if labels.ndim == 2 and labels.shape[1] == width and width > 1:
+        labels = labels.argmax(axis=1)
+    if labels.ndim != 1 or len(labels) != len(outputs):
+        raise InputError(f"labels of task {task!r} must be {len(outputs)} class ids (or one-hot rows of {width}) for "
+                         f"its {len(outputs)} examples. Received shape {list(labels.shape)}")
+    predicted = (outputs[..., 0] > 0.5).astype(int) if width == 1 else outputs.argmax(axis=-1)
+    return float(np.mean(predicted.reshape(-1) == labels))
+
+
+def _mean_absolute_error(outputs: np.ndarray, labels: np.ndarray, task: str) -> float:
+    """Mean absolute difference between the outputs and targets of the outputs' shape (regression tasks)."""
+    if labels.shape != outputs.shape:
+        raise InputError(f"targets of task {task!r} must have its output's shape {list(outputs.shape)} for the mean "
+                         f"absolute error. Received shape {list(labels.shape)}")
+    return float(np.mean(np.abs(outputs.astype(np.float64) - labels.astype(np.float64))))
+
+
+# metric name -> (function of (outputs, labels, task), higher is better)
+METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, str], float], bool]] = {
+    "accuracy": (_accuracy, True),
+    "mae": (_mean_absolute_error, False),
+}
+
+
+def evaluate(
+    run: Callable[[str, dict[str, np.ndarray]], Sequence[np.ndarray]],
+    model: CompactModel,
+    task: str,
+    inputs: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    *,
+    metric: str = "accuracy",
+    output: int = 0,
+) -> float:
+    """``metric`` (a name in `METRICS`) of output ``output`` of ``task``, run through ``run`` on labelled data.
+
+    'accuracy': labels are class ids ``(N,)`` or one-hot rows; the prediction is the argmax
+    over the last axis, or ``> 0.5`` for a single-unit output. 'mae': targets of the
+    output's shape, their mean absolute difference.
+
+    Example:
+        >>> evaluate(model.run, model, "digits", {"digits_image": x}, y)
+        0.98
+    """
+    if metric not in METRICS:
+        raise InputError(f"metric must be one of {sorted(METRICS)}. Received: {metric!r}")
+    count = len(next(iter(inputs.values())))
+    outputs = np.concatenate([
+        np.asarray(run(task, {name: array[start : start + EVAL_BATCH] for name, array in inputs.items()})[output],
+                   dtype=np.float64)
+        for start in range(0, count, EVAL_BATCH)
+    ])
+    return METRICS[metric][0](outputs, np.asarray(labels), task)

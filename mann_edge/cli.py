@@ -75,16 +75,29 @@ def cmd_inspect(args) -> int:
 @command
 def cmd_convert(args) -> int:
     from mann_edge.api import convert, print_progress
+    from mann_edge.errors import MannEdgeError
 
-    options = {"coreml": {"target": args.coreml_target}} if args.coreml_target else None
+    options = {}
+    if args.coreml_target:
+        options["coreml"] = {"target": args.coreml_target}
+    if args.int8_io:
+        options["tflite"] = {"int8_io": True}
+    if args.batch is not None:  # the formats with fixed input shapes among those asked for
+        fixed = [name for name in ("onnx", "ort") if name in args.to]
+        if not fixed:
+            raise MannEdgeError(f"--batch fixes the input shapes of the onnx and ort exports; --to asks for {args.to}")
+        for name in fixed:
+            options.setdefault(name, {})["batch"] = args.batch
     result = convert(
         args.source, args.out, formats=args.to, tasks=args.tasks, task_names=args.task_names,
         dtype=args.dtype, force=args.force, verify=not args.no_verify, strict=args.strict, options=options,
+        calibration=args.calibration, evaluation=args.eval, metric=args.metric, storage=args.storage,
         progress=print_progress,
     )
     if args.json:
         print(json.dumps({"artifacts": {k: str(v) for k, v in result.artifacts.items()}, "table": result.table,
-                          "files": result.files, "seconds": result.seconds}, indent=1))
+                          "files": result.files, "seconds": result.seconds, "metric": result.metric,
+                          "scores": result.scores, "storage": result.storage}, indent=1))
     else:
         print(result.format_table())
     return 0
@@ -94,7 +107,8 @@ def cmd_convert(args) -> int:
 def cmd_verify(args) -> int:
     from mann_edge.api import verify
 
-    report = verify(args.artifact, args.against, tasks=args.tasks, task_names=args.task_names)
+    report = verify(args.artifact, args.against, tasks=args.tasks, task_names=args.task_names,
+                    calibration=args.calibration)
     for check in report.checks:
         status = "ok" if check.ok else f"MISMATCH {check.problem}".strip()
         print(f"{check.task:<16} {check.output:<20} batch {check.batch:<3} max abs error {check.max_abs_error:.2e}  {status}")
@@ -146,6 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     takes = "; ".join(f"{d}: {', '.join(n for n in EXPORT_FORMATS if d in FORMATS[n].dtypes)}" for d in dtypes)
     p.add_argument("--dtype", default="float32", choices=dtypes,
                    help=f"stored weight values ({takes}; default: %(default)s)")
+    p.add_argument("--calibration", type=nonempty, metavar="DATA.npz",
+                   help="representative inputs, one array per model input name: int8 calibrates on them, and "
+                        "every quantized export (int8, palettized) is verified on them")
+    p.add_argument("--int8-io", action="store_true", help="with --dtype int8: int8 input and output tensors (default: float)")
+    p.add_argument("--eval", type=nonempty, metavar="DATA.npz",
+                   help="labelled data (inputs by name, labels under each task's first output name): "
+                        "accuracy (or --metric) per task and export next to float32")
+    from mann_edge.converters.validation import METRICS
+
+    p.add_argument("--metric", choices=sorted(METRICS), default="accuracy",
+                   help="what --eval measures: accuracy (labels: class ids or one-hot) or mae (targets of the "
+                        "output's shape; default: %(default)s)")
+    p.add_argument("--storage", choices=("sparse", "dense", "auto"),
+                   help="sparse weights in each format's sparse encoding (default), dense, or auto: both measured "
+                        "(batch 1, one thread, latency and peak memory), the sparse one kept when smaller and as fast")
+    p.add_argument("--batch", type=int, metavar="N",
+                   help="fix the batch dimension of the onnx and ort exports to N (mobile execution providers, "
+                        "NNAPI and Core ML, take only static shapes; default: free)")
     p.add_argument("--coreml-target", type=nonempty, help="Core ML deployment target, e.g. macOS13 (default), iOS16, macOS15 (multifunction)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-verify", action="store_true", help="skip running each export against the compact model")
@@ -157,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", type=nonempty, required=True, help="the source: a .keras, legacy .h5 or .mann file")
     p.add_argument("--tasks", type=names, help="check only these tasks, comma-separated")
     p.add_argument("--task-names", type=names, help="comma-separated names for the source's tasks (in output order)")
+    p.add_argument("--calibration", type=nonempty, metavar="DATA.npz",
+                   help="check on these representative inputs (one array per input name) instead of random ones: "
+                        "a quantized export matches only in the range it was quantized for")
 
-    p = sub.add_parser("bench", help="benchmark the runtime against dense ONNX Runtime and LiteRT (paper-scale model)")
+    p = sub.add_parser("bench", help="benchmark the runtime against ONNX Runtime and LiteRT, dense and on our exports "
+                                     "(the paper-scale model, or MODEL: a .keras, .h5 or .mann)")
     from mann_edge.benchmark import add_arguments as add_bench_arguments
 
     add_bench_arguments(p)

@@ -49,22 +49,52 @@ class MaskOverlapWarning(UserWarning):
 LOWERINGS = Registry("layer type", owner="mann-edge", verb="compact", error=CompactionError)
 
 
+def lowers(*classes: type, ops: tuple[str, ...]):
+    """Registers a lowering for ``classes`` in `LOWERINGS`, naming every compact op it may emit.
+
+    The ops are what the README's layer table and `mann_edge.coverage` read to say which
+    formats take a layer; `_Builder.add` refuses an op a lowering did not name, so the
+    table cannot drift from what compaction does.
+
+    Example:
+        >>> @lowers(keras.layers.Flatten, ops=("flatten",))
+        ... def _flatten(b, layer, inputs, outputs, name): ...
+    """
+    def register(function):
+        function.ops = tuple(ops)
+        return LOWERINGS.register(*classes)(function)
+
+    return register
+
+
 class _Builder:
     """Collects nodes and weights while layers are lowered.
 
-    ``layer`` names the Keras layer being lowered; every node added records it.
+    ``layer`` names the Keras layer being lowered; every node added records it. ``call`` is
+    the Keras call (node) being lowered, for lowerings that read call arguments
+    (``use_causal_mask``). ``shapes`` holds every tensor's shape so far (`shape`).
     """
 
     def __init__(self):
         self.nodes: list[Node] = []
         self.weights: dict[str, object] = {}
         self.layer: str | None = None
+        self.ops: tuple[str, ...] = ()  # what the lowering being run declared (`lowers`)
+        self.call = None
+        self.shapes: dict[str, tuple] = {}
+
+    def shape(self, tensor: str) -> tuple:
+        """The shape of ``tensor`` (a graph input or a node added so far), batch None."""
+        return self.shapes[tensor]
 
     def add(self, name, op, inputs, out, weights=None, attrs=None, layouts=None, slab=None) -> str:
         """Adds a node; ``weights`` maps roles to dense arrays, stored as CSR where smaller.
 
         ``slab``: the slab index when the node is branch ``slab`` of a multitask layer.
         """
+        if op not in self.ops:
+            raise CompactionError(f"The lowering of layer '{self.layer}' emitted op {op!r}, which it does not declare "
+                                  f"(ops={self.ops}): a mann-edge bug, please report it")
         roles = {}
         for role, array in (weights or {}).items():
             if array is None:
@@ -79,6 +109,7 @@ class _Builder:
             roles[role] = key
         attrs = dict(attrs or {})
         shape = _activated_shape(tuple(out.shape), attrs.get("activation"))
+        self.shapes[name] = shape
         # Where the node came from, for plots and reports: recorded now, never parsed back from its name.
         attrs["layer"] = self.layer
         if slab is not None:
@@ -96,7 +127,10 @@ def _activated_shape(shape: tuple, activation: dict | None) -> tuple:
 
 
 def _dtype_name(dtype) -> str:
-    return keras.backend.standardize_dtype(dtype)
+    # The compact model computes in float32 whatever the Keras dtype (a float16 model's weights are
+    # widened exactly), so its floating tensors are float32; the export's --dtype picks storage.
+    name = keras.backend.standardize_dtype(dtype)
+    return "float32" if name in ("float16", "bfloat16", "float64") else name
 
 
 def _numpy(variable) -> np.ndarray | None:
@@ -133,7 +167,7 @@ def _kernel_and_bias(layer) -> tuple[np.ndarray, np.ndarray | None]:
     return _numpy(layer.kernel), _numpy(layer.bias)
 
 
-@LOWERINGS.register(mann_layers.MaskedDense, keras.layers.Dense)
+@lowers(mann_layers.MaskedDense, keras.layers.Dense, ops=("dense",))
 def _dense(b, layer, inputs, outputs, name):
     if getattr(layer, "quantization_mode", None):
         raise CompactionError(f"Layer '{layer.name}' is quantized ({layer.quantization_mode}); compact the float model")
@@ -142,7 +176,7 @@ def _dense(b, layer, inputs, outputs, name):
     return [b.add(name, "dense", inputs, outputs[0], {"kernel": kernel, "bias": bias}, attrs, KERNEL_LAYOUT)]
 
 
-@LOWERINGS.register(mann_layers.MultiDense, mann_layers.MultiMaskedDense)
+@lowers(mann_layers.MultiDense, mann_layers.MultiMaskedDense, ops=("dense",))
 def _multi_dense(b, layer, inputs, outputs, name):
     kernel, bias = _numpy(layer.masked_kernel()), _numpy(layer.masked_bias())
     attrs = {"activation": _activation(layer)}
@@ -157,31 +191,50 @@ def _conv_attrs(layer) -> dict:
     _require_channels_last(layer)
     if getattr(layer, "groups", 1) != 1:
         raise CompactionError(f"Layer '{layer.name}' uses groups={layer.groups}; mann-edge compacts groups=1 only")
-    if layer.padding not in ("same", "valid"):
-        raise CompactionError(f"Layer '{layer.name}' uses padding={layer.padding!r}; use 'same' or 'valid'")
+    paddings = ("same", "valid", "causal") if len(layer.strides) == 1 else ("same", "valid")
+    if layer.padding not in paddings:
+        raise CompactionError(f"Layer '{layer.name}' uses padding={layer.padding!r}; use one of {list(paddings)}")
     return {
         "strides": list(layer.strides),
         "padding": layer.padding,
-        "dilation": list(getattr(layer, "dilation_rate", (1, 1))),
+        "dilation": list(getattr(layer, "dilation_rate", (1,) * len(layer.strides))),
         "activation": _activation(layer),
     }
 
 
-@LOWERINGS.register(mann_layers.MaskedConv2D, keras.layers.Conv2D)
-def _conv2d(b, layer, inputs, outputs, name):
+def _conv_node(b, name: str, x: str, out, kernel: np.ndarray, bias: np.ndarray | None, attrs: dict,
+               slab: int | None = None) -> str:
+    """One convolution of any rank, by its kernel's: 1-D as `_conv1d_nodes`, 2-D `conv2d`, 3-D `conv3d`."""
+    if kernel.ndim == 3:
+        return _conv1d_nodes(b, name, x, out, kernel, bias, attrs, slab)
+    op = {4: "conv2d", 5: "conv3d"}[kernel.ndim]
+    return b.add(name, op, [x], out, {"kernel": kernel, "bias": bias}, attrs, KERNEL_LAYOUT, slab=slab)
+
+
+@lowers(mann_layers.MaskedConv1D, mann_layers.MaskedConv2D, mann_layers.MaskedConv3D,
+        keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, ops=("conv2d", "conv3d", "pad", "reshape"))
+def _conv(b, layer, inputs, outputs, name):
     kernel, bias = _kernel_and_bias(layer)
-    return [b.add(name, "conv2d", inputs, outputs[0], {"kernel": kernel, "bias": bias}, _conv_attrs(layer), KERNEL_LAYOUT)]
+    return [_conv_node(b, name, inputs[0], outputs[0], kernel, bias, _conv_attrs(layer))]
 
 
-@LOWERINGS.register(mann_layers.MultiConv2D, mann_layers.MultiMaskedConv2D)
-def _multi_conv2d(b, layer, inputs, outputs, name):
+@lowers(mann_layers.MultiConv1D, mann_layers.MultiMaskedConv1D, mann_layers.MultiConv2D,
+        mann_layers.MultiMaskedConv2D, mann_layers.MultiConv3D, mann_layers.MultiMaskedConv3D,
+        ops=("conv2d", "conv3d", "reshape"))
+def _multi_conv(b, layer, inputs, outputs, name):
     kernel, bias = _numpy(layer.masked_kernel()), _numpy(layer.masked_bias())
     attrs = _conv_attrs(layer)
     return [
-        b.add(f"{name}[{i}]", "conv2d", [x], out, {"kernel": kernel[i], "bias": None if bias is None else bias[i]},
-              attrs, KERNEL_LAYOUT, slab=i)
+        _conv_node(b, f"{name}[{i}]", x, out, kernel[i], None if bias is None else bias[i], attrs, slab=i)
         for i, (x, out) in enumerate(zip(inputs, outputs))
     ]
+
+
+@lowers(mann_layers.MultitaskNormalization, ops=("add", "divide"))
+def _multitask_normalization(b, layer, inputs, outputs, name):
+    # Every output divides by the one sum: each task's graph holds every branch it reads.
+    total = b.add(f"{name}/sum", "add", inputs, outputs[0])
+    return [b.add(f"{name}[{i}]", "divide", [x, total], out) for i, (x, out) in enumerate(zip(inputs, outputs))]
 
 
 def _pool_attrs(layer) -> dict:
@@ -189,45 +242,64 @@ def _pool_attrs(layer) -> dict:
     return {"pool_size": list(layer.pool_size), "strides": list(layer.strides), "padding": layer.padding}
 
 
-@LOWERINGS.register(keras.layers.MaxPooling2D)
-def _max_pool(b, layer, inputs, outputs, name):
-    return [b.add(name, "max_pool2d", inputs, outputs[0], attrs=_pool_attrs(layer))]
+# Keras pooling layer -> its op; a 1-D pool runs the 2-D op over a one-row image (`_pool1d_nodes`).
+_POOLS = {
+    keras.layers.MaxPooling1D: "max_pool2d",
+    keras.layers.AveragePooling1D: "avg_pool2d",
+    keras.layers.MaxPooling2D: "max_pool2d",
+    keras.layers.AveragePooling2D: "avg_pool2d",
+    keras.layers.MaxPooling3D: "max_pool3d",
+    keras.layers.AveragePooling3D: "avg_pool3d",
+}
 
 
-@LOWERINGS.register(keras.layers.AveragePooling2D)
-def _avg_pool(b, layer, inputs, outputs, name):
-    return [b.add(name, "avg_pool2d", inputs, outputs[0], attrs=_pool_attrs(layer))]
+@lowers(*_POOLS, ops=("avg_pool2d", "avg_pool3d", "max_pool2d", "max_pool3d", "reshape"))
+def _pool(b, layer, inputs, outputs, name):
+    op, attrs = _POOLS[type(layer)], _pool_attrs(layer)
+    if len(layer.pool_size) == 1:
+        return [_pool1d_nodes(b, name, inputs[0], outputs[0], op, attrs)]
+    return [b.add(name, op, inputs, outputs[0], attrs=attrs)]
 
 
-@LOWERINGS.register(mann_layers.MultiMaxPool2D)
+@lowers(mann_layers.MultiMaxPool2D, mann_layers.MultiMaxPool3D, ops=("max_pool2d", "max_pool3d"))
 def _multi_max_pool(b, layer, inputs, outputs, name):
-    attrs = {"pool_size": list(layer.pool_size), "strides": list(layer.strides), "padding": layer.padding}
+    op = {2: "max_pool2d", 3: "max_pool3d"}[layer.rank]
     return [
-        b.add(f"{name}[{i}]", "max_pool2d", [x], out, attrs=attrs, slab=i)
+        b.add(f"{name}[{i}]", op, [x], out, attrs=_pool_attrs(layer), slab=i)
         for i, (x, out) in enumerate(zip(inputs, outputs))
     ]
 
 
-@LOWERINGS.register(keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D)
-def _global_avg_pool(b, layer, inputs, outputs, name):
+_GLOBAL_POOLS = {
+    keras.layers.GlobalAveragePooling1D: ("global_avg_pool", 1),
+    keras.layers.GlobalAveragePooling2D: ("global_avg_pool", 2),
+    keras.layers.GlobalAveragePooling3D: ("global_avg_pool", 3),
+    keras.layers.GlobalMaxPooling1D: ("global_max_pool", 1),
+    keras.layers.GlobalMaxPooling2D: ("global_max_pool", 2),
+    keras.layers.GlobalMaxPooling3D: ("global_max_pool", 3),
+}
+
+
+@lowers(*_GLOBAL_POOLS, ops=("global_avg_pool", "global_max_pool"))
+def _global_pool(b, layer, inputs, outputs, name):
     _require_channels_last(layer)
-    rank = 3 if isinstance(layer, keras.layers.GlobalAveragePooling1D) else 4
-    attrs = {"axes": list(range(1, rank - 1)), "keepdims": bool(layer.keepdims)}
-    return [b.add(name, "global_avg_pool", inputs, outputs[0], attrs=attrs)]
+    op, spatial = _GLOBAL_POOLS[type(layer)]
+    attrs = {"axes": list(range(1, spatial + 1)), "keepdims": bool(layer.keepdims)}
+    return [b.add(name, op, inputs, outputs[0], attrs=attrs)]
 
 
-@LOWERINGS.register(keras.layers.Flatten)
+@lowers(keras.layers.Flatten, ops=("flatten",))
 def _flatten(b, layer, inputs, outputs, name):
     _require_channels_last(layer)
     return [b.add(name, "flatten", inputs, outputs[0])]
 
 
-@LOWERINGS.register(keras.layers.Reshape)
+@lowers(keras.layers.Reshape, ops=("reshape",))
 def _reshape(b, layer, inputs, outputs, name):
     return [b.add(name, "reshape", inputs, outputs[0], attrs={"shape": [int(d) for d in layer.target_shape]})]
 
 
-@LOWERINGS.register(keras.layers.Embedding)
+@lowers(keras.layers.Embedding, ops=("embedding",))
 def _embedding(b, layer, inputs, outputs, name):
     if layer.mask_zero:
         raise CompactionError(
@@ -239,7 +311,7 @@ def _embedding(b, layer, inputs, outputs, name):
     return [b.add(name, "embedding", inputs, outputs[0], {"table": _numpy(layer.embeddings)})]
 
 
-@LOWERINGS.register(keras.layers.BatchNormalization)
+@lowers(keras.layers.BatchNormalization, ops=("scale_shift",))
 def _batch_norm(b, layer, inputs, outputs, name):
     rank = len(outputs[0].shape)
     if layer.axis not in (-1, rank - 1):
@@ -252,7 +324,7 @@ def _batch_norm(b, layer, inputs, outputs, name):
     return [b.add(name, "scale_shift", inputs, outputs[0], {"scale": scale, "shift": shift})]
 
 
-@LOWERINGS.register(keras.layers.LayerNormalization)
+@lowers(keras.layers.LayerNormalization, ops=("layer_norm",))
 def _layer_norm(b, layer, inputs, outputs, name):
     if getattr(layer, "rms_scaling", False):
         raise CompactionError(f"LayerNormalization '{layer.name}' uses rms_scaling, which mann-edge does not support")
@@ -269,30 +341,30 @@ def _activation_node(b, name, inputs, outputs, activation):
     return [b.add(name, "activation", inputs, outputs[0], attrs={"activation": activation})]
 
 
-@LOWERINGS.register(keras.layers.Activation)
+@lowers(keras.layers.Activation, ops=("activation",))
 def _activation_layer(b, layer, inputs, outputs, name):
     return _activation_node(b, name, inputs, outputs, _activation(layer))
 
 
-@LOWERINGS.register(keras.layers.ReLU)
+@lowers(keras.layers.ReLU, ops=("activation",))
 def _relu_layer(b, layer, inputs, outputs, name):
     params = {"negative_slope": float(layer.negative_slope), "threshold": float(layer.threshold),
               "max_value": None if layer.max_value is None else float(layer.max_value)}
     return _activation_node(b, name, inputs, outputs, normalize_activation({"name": "relu", **params}))
 
 
-@LOWERINGS.register(keras.layers.LeakyReLU)
+@lowers(keras.layers.LeakyReLU, ops=("activation",))
 def _leaky_relu_layer(b, layer, inputs, outputs, name):
     activation = {"name": "leaky_relu", "negative_slope": float(layer.negative_slope)}
     return _activation_node(b, name, inputs, outputs, normalize_activation(activation))
 
 
-@LOWERINGS.register(keras.layers.ELU)
+@lowers(keras.layers.ELU, ops=("activation",))
 def _elu_layer(b, layer, inputs, outputs, name):
     return _activation_node(b, name, inputs, outputs, normalize_activation({"name": "elu", "alpha": float(layer.alpha)}))
 
 
-@LOWERINGS.register(keras.layers.Softmax)
+@lowers(keras.layers.Softmax, ops=("activation",))
 def _softmax_layer(b, layer, inputs, outputs, name):
     axis = layer.axis if isinstance(layer.axis, int) else None
     if axis is None:
@@ -300,29 +372,29 @@ def _softmax_layer(b, layer, inputs, outputs, name):
     return _activation_node(b, name, inputs, outputs, normalize_activation({"name": "softmax", "axis": axis}))
 
 
-@LOWERINGS.register(keras.layers.Add, mann_layers.SumLayer)
+@lowers(keras.layers.Add, mann_layers.SumLayer, ops=("add",))
 def _add(b, layer, inputs, outputs, name):
     return [b.add(name, "add", inputs, outputs[0])]
 
 
-@LOWERINGS.register(keras.layers.Concatenate)
+@lowers(keras.layers.Concatenate, ops=("concat",))
 def _concat(b, layer, inputs, outputs, name):
     return [b.add(name, "concat", inputs, outputs[0], attrs={"axis": layer.axis % len(outputs[0].shape)})]
 
 
-@LOWERINGS.register(mann_layers.SelectorLayer)
+@lowers(mann_layers.SelectorLayer, ops=())
 def _selector(b, layer, inputs, outputs, name):
     return [inputs[layer.sel_index]]
 
 
-@LOWERINGS.register(mann_layers.FilterLayer)
+@lowers(mann_layers.FilterLayer, ops=("zeros_like",))
 def _filter(b, layer, inputs, outputs, name):
     if layer.is_on:
         return list(inputs)
     return [b.add(name, "zeros_like", inputs, outputs[0])]
 
 
-@LOWERINGS.register(
+@lowers(
     keras.layers.Dropout,
     keras.layers.SpatialDropout1D,
     keras.layers.SpatialDropout2D,
@@ -331,10 +403,287 @@ def _filter(b, layer, inputs, outputs, name):
     keras.layers.AlphaDropout,
     keras.layers.Identity,
     keras.layers.ActivityRegularization,
+    ops=(),
 )
 def _identity(b, layer, inputs, outputs, name):
     # Inference-time identities: they leave no trace in the compact model.
     return list(inputs)
+
+
+# -- Keras layers lowered to the ops above, or to several of them ------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The shape and dtype of a tensor between the nodes of one layer (what `_Builder.add` reads of a Keras output)."""
+
+    shape: tuple
+    dtype: str = "float32"
+
+
+def _conv1d_nodes(b, name: str, x: str, out, kernel: np.ndarray, bias: np.ndarray | None, attrs: dict,
+                  slab: int | None = None) -> str:
+    """A 1-D convolution as a `conv2d` over a one-row image; returns its output tensor (named ``name``).
+
+    (N, steps, cin) -> reshape (N, 1, steps, cin) -> conv2d, kernel (1, k, cin, cout) -> reshape
+    (N, steps', cout): every format and the runtime's CSR conv kernel take it as it is.
+    ``kernel`` is (k, cin, cout); ``attrs`` are `_conv_attrs` of a Conv1D (one stride and
+    dilation, padding 'same', 'valid' or 'causal': zeros before the steps, then 'valid');
+    ``out`` is the layer's output (its shape and dtype).
+    """
+    k, cin, cout = kernel.shape
+    steps = b.shape(x)[1]
+    image = b.add(f"{name}/row", "reshape", [x], _Spec((None, 1, steps, cin)), attrs={"shape": [1, -1, cin]},
+                  slab=slab)
+    padding = attrs["padding"]
+    if padding == "causal":
+        before = (k - 1) * attrs["dilation"][0]
+        padded = None if steps is None else steps + before
+        image = b.add(f"{name}/causal", "pad", [image], _Spec((None, 1, padded, cin)),
+                      attrs={"pads": [0, 0, before, 0, 0, 0]}, slab=slab)
+        padding = "valid"
+    conv_attrs = {**attrs, "padding": padding, "strides": [1, *attrs["strides"]], "dilation": [1, *attrs["dilation"]]}
+    conv_out = _Spec((None, 1, out.shape[1], cout), out.dtype)
+    y = b.add(f"{name}/conv", "conv2d", [image], conv_out, {"kernel": kernel[None], "bias": bias}, conv_attrs,
+              KERNEL_LAYOUT, slab=slab)
+    return b.add(name, "reshape", [y], out, attrs={"shape": [-1, b.shape(y)[-1]]}, slab=slab)
+
+
+def _pool1d_nodes(b, name: str, x: str, out, op: str, attrs: dict, slab: int | None = None) -> str:
+    """A 1-D pool as the 2-D ``op`` over a one-row image (as `_conv1d_nodes`); returns its output tensor."""
+    _, steps, channels = b.shape(x)
+    image = b.add(f"{name}/row", "reshape", [x], _Spec((None, 1, steps, channels)), attrs={"shape": [1, -1, channels]},
+                  slab=slab)
+    pool_attrs = {"pool_size": [1, *attrs["pool_size"]], "strides": [1, *attrs["strides"]], "padding": attrs["padding"]}
+    y = b.add(f"{name}/pool", op, [image], _Spec((None, 1, out.shape[1], channels), out.dtype), attrs=pool_attrs,
+              slab=slab)
+    return b.add(name, "reshape", [y], out, attrs={"shape": [-1, channels]}, slab=slab)
+
+
+# Keras merge layers with one elementwise op each (`Add` is `add` above).
+_ELEMENTWISE = {
+    keras.layers.Subtract: "subtract",
+    keras.layers.Multiply: "multiply",
+    keras.layers.Average: "average",
+    keras.layers.Maximum: "maximum",
+    keras.layers.Minimum: "minimum",
+}
+
+
+@lowers(*_ELEMENTWISE, ops=("average", "maximum", "minimum", "multiply", "subtract"))
+def _elementwise(b, layer, inputs, outputs, name):
+    return [b.add(name, _ELEMENTWISE[type(layer)], inputs, outputs[0])]
+
+
+@lowers(keras.layers.DepthwiseConv2D, ops=("depthwise_conv2d",))
+def _depthwise_conv2d(b, layer, inputs, outputs, name):
+    kernel, bias = _kernel_and_bias(layer)
+    return [b.add(name, "depthwise_conv2d", inputs, outputs[0], {"kernel": kernel, "bias": bias}, _conv_attrs(layer),
+                  KERNEL_LAYOUT)]
+
+
+@lowers(keras.layers.SeparableConv2D, ops=("conv2d", "depthwise_conv2d"))
+def _separable_conv2d(b, layer, inputs, outputs, name):
+    # a depthwise pass (no bias, no activation), then a 1x1 conv2d with the bias and activation, as Keras computes it
+    attrs = _conv_attrs(layer)
+    depthwise = _numpy(layer.depthwise_kernel)
+    spatial = _Spec((*outputs[0].shape[:-1], depthwise.shape[2] * depthwise.shape[3]), outputs[0].dtype)
+    x = b.add(f"{name}/depthwise", "depthwise_conv2d", inputs, spatial, {"kernel": depthwise},
+              {**attrs, "activation": normalize_activation("linear")}, KERNEL_LAYOUT)
+    pointwise = {"strides": [1, 1], "padding": "valid", "dilation": [1, 1], "activation": attrs["activation"]}
+    return [b.add(name, "conv2d", [x], outputs[0], {"kernel": _numpy(layer.pointwise_kernel), "bias": _numpy(layer.bias)},
+                  pointwise, KERNEL_LAYOUT)]
+
+
+def _pairs(layer, value, rank: int) -> list[int]:
+    """A padding or cropping of ``rank`` spatial axes as [before, after] per axis after the batch (channels: none)."""
+    pairs = [value] if rank == 1 else list(value)
+    return [int(v) for pair in pairs for v in pair] + [0, 0]
+
+
+# Keras padding and cropping layers: (op, its attribute, the layer's attribute, spatial rank)
+_PADDINGS = {
+    keras.layers.ZeroPadding1D: ("pad", "pads", "padding", 1),
+    keras.layers.ZeroPadding2D: ("pad", "pads", "padding", 2),
+    keras.layers.ZeroPadding3D: ("pad", "pads", "padding", 3),
+    keras.layers.Cropping1D: ("crop", "crops", "cropping", 1),
+    keras.layers.Cropping2D: ("crop", "crops", "cropping", 2),
+    keras.layers.Cropping3D: ("crop", "crops", "cropping", 3),
+}
+
+
+@lowers(*_PADDINGS, ops=("crop", "pad"))
+def _padding(b, layer, inputs, outputs, name):
+    _require_channels_last(layer)
+    op, attr, source, rank = _PADDINGS[type(layer)]
+    return [b.add(name, op, inputs, outputs[0], attrs={attr: _pairs(layer, getattr(layer, source), rank)})]
+
+
+@lowers(keras.layers.UpSampling1D, ops=("reshape", "tile"))
+def _upsampling1d(b, layer, inputs, outputs, name):
+    # each step repeated: (N, T, 1, C) tiled to (N, T, size, C)
+    _, steps, c = b.shape(inputs[0])
+    size = int(layer.size)
+    cells = b.add(f"{name}/steps", "reshape", inputs, _Spec((None, steps, 1, c)), attrs={"shape": [steps, 1, c]})
+    tiled = b.add(f"{name}/tile", "tile", [cells], _Spec((None, steps, size, c)), attrs={"reps": [1, size, 1]})
+    return [b.add(name, "reshape", [tiled], outputs[0], attrs={"shape": [steps * size, c]})]
+
+
+@lowers(keras.layers.UpSampling2D, ops=("dense", "reshape", "tile", "transpose"))
+def _upsampling2d(b, layer, inputs, outputs, name):
+    _require_channels_last(layer)
+    if layer.interpolation not in ("nearest", "bilinear"):
+        raise CompactionError(f"UpSampling2D '{layer.name}' uses interpolation={layer.interpolation!r}; "
+                              "mann-edge compacts 'nearest' and 'bilinear'")
+    sh, sw = layer.size
+    _, h, w, c = b.shape(inputs[0])
+    if layer.interpolation == "bilinear":
+        return [_bilinear_nodes(b, name, inputs[0], outputs[0], (sh, sw))]
+    # nearest: rows repeated sh times, then pixels sw times, each a tile of a reshaped view; the views stay
+    # within rank 5 (Core ML's limit)
+    rows = b.add(f"{name}/rows", "reshape", inputs, _Spec((None, h, 1, w * c)), attrs={"shape": [h, 1, w * c]})
+    rows = b.add(f"{name}/tile_rows", "tile", [rows], _Spec((None, h, sh, w * c)), attrs={"reps": [1, sh, 1]})
+    pixels = b.add(f"{name}/pixels", "reshape", [rows], _Spec((None, h * sh * w, 1, c)), attrs={"shape": [h * sh * w, 1, c]})
+    pixels = b.add(f"{name}/tile_pixels", "tile", [pixels], _Spec((None, h * sh * w, sw, c)), attrs={"reps": [1, sw, 1]})
+    return [b.add(name, "reshape", [pixels], outputs[0], attrs={"shape": [h * sh, w * sw, c]})]
+
+
+def _bilinear_matrix(size: int, scale: int) -> np.ndarray:
+    """(size, size * scale): output cell j as a mix of at most two input cells, TensorFlow's half-pixel bilinear resize."""
+    matrix = np.zeros((size, size * scale), np.float32)
+    for j in range(size * scale):
+        source = (j + 0.5) / scale - 0.5
+        low = int(np.floor(source))
+        weight = source - low
+        matrix[min(max(low, 0), size - 1), j] += 1.0 - weight
+        matrix[min(max(low + 1, 0), size - 1), j] += weight
+    return matrix
+
+
+def _bilinear_nodes(b, name: str, x: str, out, size: tuple[int, int]) -> str:
+    """Bilinear upsampling as two dense ops (one per spatial axis, moved last) with constant, two-per-column kernels."""
+    _, h, w, c = b.shape(x)
+    (sh, sw), linear = size, {"activation": normalize_activation("linear")}
+    y = b.add(f"{name}/rows_last", "transpose", [x], _Spec((None, w, c, h)), attrs={"perm": [0, 2, 3, 1]})
+    y = b.add(f"{name}/rows", "dense", [y], _Spec((None, w, c, h * sh)), {"kernel": _bilinear_matrix(h, sh)}, linear,
+              KERNEL_LAYOUT)
+    y = b.add(f"{name}/columns_last", "transpose", [y], _Spec((None, h * sh, c, w)), attrs={"perm": [0, 3, 2, 1]})
+    y = b.add(f"{name}/columns", "dense", [y], _Spec((None, h * sh, c, w * sw)), {"kernel": _bilinear_matrix(w, sw)},
+              linear, KERNEL_LAYOUT)
+    return b.add(name, "transpose", [y], out, attrs={"perm": [0, 1, 3, 2]})
+
+
+@lowers(keras.layers.Permute, ops=("transpose",))
+def _permute(b, layer, inputs, outputs, name):
+    return [b.add(name, "transpose", inputs, outputs[0], attrs={"perm": [0, *(int(d) for d in layer.dims)]})]
+
+
+@lowers(keras.layers.RepeatVector, ops=("reshape", "tile"))
+def _repeat_vector(b, layer, inputs, outputs, name):
+    features = b.shape(inputs[0])[-1]
+    row = b.add(f"{name}/row", "reshape", inputs, _Spec((None, 1, features)), attrs={"shape": [1, -1]})
+    return [b.add(name, "tile", [row], outputs[0], attrs={"reps": [int(layer.n), 1]})]
+
+
+def _per_channel(layer, value, channels) -> np.ndarray:
+    """A scalar or per-channel value of ``layer`` as one value per channel (the last axis)."""
+    array = np.asarray(value, np.float32).reshape(-1)
+    if array.size not in (1, channels):
+        raise CompactionError(f"Layer '{layer.name}' ({type(layer).__name__}) scales {array.size} values; "
+                              f"mann-edge takes one, or one per channel ({channels})")
+    return np.broadcast_to(array, (channels,)).copy()
+
+
+@lowers(keras.layers.Rescaling, ops=("scale_shift",))
+def _rescaling(b, layer, inputs, outputs, name):
+    channels = outputs[0].shape[-1]
+    scale, offset = _per_channel(layer, layer.scale, channels), _per_channel(layer, layer.offset, channels)
+    return [b.add(name, "scale_shift", inputs, outputs[0], {"scale": scale, "shift": offset})]
+
+
+@lowers(keras.layers.Normalization, ops=("scale_shift",))
+def _normalization(b, layer, inputs, outputs, name):
+    # Keras: (x - mean) / max(sqrt(variance), epsilon), per channel of the last axis
+    rank = len(outputs[0].shape)
+    if tuple(a % rank for a in layer.axis) != (rank - 1,) or layer.invert:
+        raise CompactionError(f"Normalization '{layer.name}' normalises axes {layer.axis} (invert={layer.invert}); "
+                              "mann-edge compacts the last axis only, invert=False")
+    channels = outputs[0].shape[-1]
+    mean, variance = _per_channel(layer, _numpy(layer.mean), channels), _per_channel(layer, _numpy(layer.variance), channels)
+    scale = 1.0 / np.maximum(np.sqrt(variance), keras.config.epsilon())
+    return [b.add(name, "scale_shift", inputs, outputs[0], {"scale": scale, "shift": -mean * scale})]
+
+
+def _call_argument(b, inputs, position: int, keyword: str):
+    """The compact tensor a call argument (by position or keyword) of the Keras call being lowered refers to."""
+    arguments = b.call.arguments
+    names = {id(kt): name for kt, name in zip(arguments.keras_tensors, inputs)}
+    value = arguments.args[position] if len(arguments.args) > position else arguments.kwargs.get(keyword)
+    return None if value is None else names[id(value)]
+
+
+def _refuse_call_options(b, layer, *options: str) -> None:
+    """CompactionError when the Keras call being lowered passes any of ``options`` (masks given as [None, None] are none)."""
+    for option in options:
+        value = b.call.arguments.kwargs.get(option)
+        if isinstance(value, (list, tuple)) and all(v is None for v in value):
+            continue
+        if value is not None and value is not False:
+            raise CompactionError(f"Layer '{layer.name}' ({type(layer).__name__}) is called with {option}; "
+                                  "mann-edge compacts it without")
+
+
+@lowers(keras.layers.Attention, ops=("attention",))
+def _attention(b, layer, inputs, outputs, name):
+    _refuse_call_options(b, layer, "mask", "return_attention_scores")
+    query, value, *key = inputs
+    attrs = {
+        "scale": float(_numpy(layer.scale)) if layer.use_scale else 1.0,
+        "causal": bool(b.call.arguments.kwargs.get("use_causal_mask", False)),
+        "score_mode": layer.score_mode,
+    }
+    if layer.score_mode == "concat":
+        attrs["concat_weight"] = float(_numpy(layer.concat_score_weight))
+    return [b.add(name, "attention", [query, value, key[0] if key else value], outputs[0], attrs=attrs)]
+
+
+def _heads(b, name: str, x: str, dense, heads: int, size: int) -> str:
+    """(N, T, dim) through one of MultiHeadAttention's projections, split into heads: (N, heads, T, size)."""
+    steps, dim = b.shape(x)[1:]
+    kernel = _numpy(dense.kernel).reshape(dim, heads * size)
+    bias = None if dense.bias is None else _numpy(dense.bias).reshape(heads * size)
+    y = b.add(f"{name}/dense", "dense", [x], _Spec((None, steps, heads * size)), {"kernel": kernel, "bias": bias},
+              {"activation": normalize_activation("linear")}, KERNEL_LAYOUT)
+    y = b.add(f"{name}/split", "reshape", [y], _Spec((None, steps, heads, size)), attrs={"shape": [steps, heads, size]})
+    return b.add(name, "transpose", [y], _Spec((None, heads, steps, size)), attrs={"perm": [0, 2, 1, 3]})
+
+
+@lowers(keras.layers.MultiHeadAttention, ops=("attention", "dense", "reshape", "transpose"))
+def _multi_head_attention(b, layer, inputs, outputs, name):
+    # The projections are dense ops (their kernels stored sparse where sparse), heads moved before the steps,
+    # one attention op over (N, heads, T, size), the heads joined and projected back, as Keras computes it.
+    _refuse_call_options(b, layer, "attention_mask", "query_mask", "value_mask", "key_mask", "return_attention_scores")
+    query, value = _call_argument(b, inputs, 0, "query"), _call_argument(b, inputs, 1, "value")
+    key = _call_argument(b, inputs, 2, "key") or value
+    if len(b.shape(query)) != 3 or tuple(layer._attention_axes) != (1,) or layer._output_shape is not None:
+        raise CompactionError(f"MultiHeadAttention '{layer.name}' attends over axes {layer._attention_axes} of rank-"
+                              f"{len(b.shape(query))} inputs (output_shape={layer._output_shape}); mann-edge compacts "
+                              "rank-3 inputs, the default attention axes and output_shape=None")
+    heads, key_dim, value_dim = layer.num_heads, layer._key_dim, layer._value_dim
+    tq, dim = b.shape(query)[1], outputs[0].shape[-1]
+    q = _heads(b, f"{name}/query", query, layer._query_dense, heads, key_dim)
+    k = _heads(b, f"{name}/key", key, layer._key_dense, heads, key_dim)
+    v = _heads(b, f"{name}/value", value, layer._value_dense, heads, value_dim)
+    attrs = {"scale": 1.0 / float(np.sqrt(key_dim)),
+             "causal": bool(b.call.arguments.kwargs.get("use_causal_mask", False))}
+    y = b.add(f"{name}/attention", "attention", [q, v, k], _Spec((None, heads, tq, value_dim)), attrs=attrs)
+    y = b.add(f"{name}/heads", "transpose", [y], _Spec((None, tq, heads, value_dim)), attrs={"perm": [0, 2, 1, 3]})
+    y = b.add(f"{name}/join", "reshape", [y], _Spec((None, tq, heads * value_dim)), attrs={"shape": [tq, heads * value_dim]})
+    output = layer._output_dense
+    kernel = _numpy(output.kernel).reshape(heads * value_dim, dim)
+    bias = None if output.bias is None else _numpy(output.bias)
+    return [b.add(name, "dense", [y], outputs[0], {"kernel": kernel, "bias": bias},
+                  {"activation": normalize_activation("linear")}, KERNEL_LAYOUT)]
 
 
 # -- the walk ------------------------------------------------------------------------------------
@@ -355,30 +704,49 @@ def _functional(model):
     return model
 
 
-def _walk(model, builder: _Builder) -> dict[int, str]:
-    """Lowers every layer call in graph order; returns KerasTensor id -> compact tensor name."""
-    tensors: dict[int, str] = {}
+def _walk(model, builder: _Builder, tensors: dict[int, str] | None = None, prefix: str = "",
+          path: str = "") -> dict[int, str]:
+    """Lowers every layer call in graph order; returns KerasTensor id -> compact tensor name.
+
+    A nested model (a functional or Sequential model called as a layer) is flattened into
+    the graph (`_walk_nested`). ``tensors`` maps the model's inputs when it is nested,
+    ``prefix`` (``"<call name>/"``) keeps its node names apart from the outer ones and
+    ``path`` (``"<model name>/"``) names its layers, the same for every call.
+    """
+    tensors = {} if tensors is None else tensors
     for kt in model.inputs:
-        tensors[id(kt)] = kt._keras_history.operation.name
+        if id(kt) not in tensors:
+            tensors[id(kt)] = kt._keras_history.operation.name
+            builder.shapes[tensors[id(kt)]] = tuple(kt.shape)
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
             layer = node.operation
             if isinstance(layer, keras.layers.InputLayer):
                 continue
-            if isinstance(layer, keras.Model):
-                raise CompactionError(
-                    f"Layer '{layer.name}' is a nested model ({type(layer).__name__}); call its layers directly "
-                    "in the outer model before compacting"
-                )
-            lowering = LOWERINGS.lookup(type(layer), context=f"layer '{layer.name}'")
             index = layer._inbound_nodes.index(node)
-            name = layer.name if index == 0 else f"{layer.name}@{index}"
+            name = prefix + (layer.name if index == 0 else f"{layer.name}@{index}")
             inputs = [tensors[id(kt)] for kt in node.arguments.keras_tensors]
-            builder.layer = layer.name
-            results = lowering(builder, layer, inputs, node.outputs, name)
+            if isinstance(layer, keras.Model):
+                results = _walk_nested(layer, builder, inputs, name, f"{path}{layer.name}/")
+            else:
+                lowering = LOWERINGS.lookup(type(layer), context=f"layer '{path}{layer.name}'")
+                builder.layer, builder.call, builder.ops = path + layer.name, node, lowering.ops
+                results = lowering(builder, layer, inputs, node.outputs, name)
             for kt, result in zip(node.outputs, results):
                 tensors[id(kt)] = result
     return tensors
+
+
+def _walk_nested(model, builder: _Builder, inputs: list[str], name: str, path: str) -> list[str]:
+    """Lowers a nested model's layers in place, its inputs wired to ``inputs``; returns its outputs' tensor names.
+
+    Its nodes are named ``<name>/<layer>`` (``name``: this call's) and record ``<path><layer>`` as their layer.
+    """
+    inner = _functional(model)
+    if len(inner.inputs) != len(inputs):
+        raise CompactionError(f"Nested model '{name}' takes {len(inner.inputs)} inputs. Received: {len(inputs)}")
+    tensors = _walk(inner, builder, {id(kt): x for kt, x in zip(inner.inputs, inputs)}, prefix=f"{name}/", path=path)
+    return [tensors[id(kt)] for kt in inner.outputs]
 
 
 def _fold_scale_shift(nodes: list[Node], weights: dict, keep: set[str]) -> tuple[list[Node], dict[str, str]]:
@@ -394,7 +762,7 @@ def _fold_scale_shift(nodes: list[Node], weights: dict, keep: set[str]) -> tuple
         producer = by_name.get(node.inputs[0]) if node.op == "scale_shift" else None
         if (
             producer is not None
-            and producer.op in ("dense", "conv2d")
+            and producer.op in ("dense", "conv2d", "conv3d")  # kernels whose last axis is the output channel
             and producer.attrs["activation"]["name"] == "linear"
             and readers.get(producer.name) == 1
             and producer.name not in keep
@@ -425,44 +793,69 @@ def _dense_of(weight) -> np.ndarray:
 class TaskUsage:
     """What one model output is computed from.
 
-    ``layers``: ``(layer name, branch)`` pairs, ``branch`` being the slab index of a
-    multitask layer (whose output ``i`` reads only its input ``i``) and None for any
-    other layer. ``inputs``: the names of the model inputs it reads.
+    ``layers``: the ``(layer name, branch)`` pairs it owns, ``branch`` being the slab index
+    of a multitask layer (whose output ``i`` reads only its input ``i``) and None for any
+    other layer. ``reads``: those it owns and those it only reads: behind a layer whose
+    output ``i`` reads every input but belongs to input ``i``'s branch
+    (``reads_all_branches``: `MultitaskNormalization`), the other branches are read, not
+    owned. ``inputs``: the names of the model inputs it reads.
     """
 
     layers: frozenset
     inputs: frozenset
+    reads: frozenset = frozenset()
 
 
 def task_usage(model) -> list[TaskUsage]:
     """Per model output, the layers (and slabs) and inputs it depends on, following branches as `compact` splits them.
 
+    A nested model used as a layer is listed by its own name, and the layers inside it that
+    the output reads by their path, ``"<nested model>/<layer>"`` (as `compact` records them).
     RSN2 training uses it to know whose weights are whose, without touching weights.
     """
     model = _functional(model)
     usage = []
+    # (tensor, scope): a scope is (prefix, {id(nested input): (outer tensor, outer scope)}) inside a nested model
+    top: tuple = ("", {})
+    scopes: dict[tuple, tuple] = {}
     for output in model.outputs:
-        layers, inputs = set(), set()
-        stack, seen = [output], set()
+        owned, read, inputs = set(), set(), set()
+        stack, seen = [(output, top, True)], set()
         while stack:
-            kt = stack.pop()
-            if id(kt) in seen:
+            kt, scope, owns = stack.pop()
+            if (id(kt), id(scope), owns) in seen:
                 continue
-            seen.add(id(kt))
+            seen.add((id(kt), id(scope), owns))
+            layers = owned if owns else read
+            prefix, bound = scope
             layer, node_index, tensor_index = kt._keras_history
             if isinstance(layer, keras.layers.InputLayer):
-                inputs.add(layer.name)
+                if id(kt) in bound:
+                    stack.append((*bound[id(kt)], owns))
+                else:
+                    inputs.add(layer.name)
                 continue
             arguments = layer._inbound_nodes[node_index].arguments.keras_tensors
-            if getattr(layer, "multitask", False):
-                layers.add((layer.name, tensor_index))
-                stack.append(arguments[tensor_index])
+            if isinstance(layer, keras.Model):
+                inner = _functional(layer)
+                layers.add((prefix + layer.name, None))
+                inner_scope = (f"{prefix}{layer.name}/",
+                               {id(x): (outer, scope) for x, outer in zip(inner.inputs, arguments)})
+                # one scope per call, so that a tensor inside it is walked once
+                inner_scope = scopes.setdefault((id(layer), node_index, id(scope)), inner_scope)
+                stack.append((inner.outputs[tensor_index], inner_scope, owns))
+            elif getattr(layer, "multitask", False):
+                layers.add((prefix + layer.name, tensor_index))
+                stack.append((arguments[tensor_index], scope, owns))
             elif isinstance(layer, mann_layers.SelectorLayer):
-                stack.append(arguments[layer.sel_index])
+                stack.append((arguments[layer.sel_index], scope, owns))
+            elif getattr(layer, "reads_all_branches", False):
+                layers.add((prefix + layer.name, None))
+                stack.extend((x, scope, owns and i == tensor_index) for i, x in enumerate(arguments))
             else:
-                layers.add((layer.name, None))
-                stack.extend(arguments)
-        usage.append(TaskUsage(frozenset(layers), frozenset(inputs)))
+                layers.add((prefix + layer.name, None))
+                stack.extend((x, scope, owns) for x in arguments)
+        usage.append(TaskUsage(frozenset(owned), frozenset(inputs), frozenset(owned | read)))
     return usage
 
 
@@ -606,37 +999,20 @@ def _task_names(model, task_names, count) -> list[str]:
 # Layer classes that cannot be compacted -> the closest supported way to get the same effect.
 # Consulted by `check_compactable`; a class not listed gets the most similar supported name.
 ALTERNATIVES = {
-    "Conv1D": "Conv2D with a (1, k) kernel on a Reshape to (1, steps, channels)",
-    "Conv3D": "Conv2D (fold one spatial axis into channels with Reshape)",
-    "DepthwiseConv2D": "Conv2D (groups=1)",
-    "SeparableConv2D": "Conv2D (groups=1)",
-    "Conv2DTranspose": "Conv2D on an upsampled input, or Dense + Reshape",
-    "MaxPooling1D": "MaxPooling2D on a Reshape to (1, steps, channels)",
-    "AveragePooling1D": "AveragePooling2D on a Reshape to (1, steps, channels)",
-    "GlobalMaxPooling1D": "GlobalAveragePooling1D",
-    "GlobalMaxPooling2D": "GlobalAveragePooling2D",
-    "MultiMaxPool3D": "MultiMaxPool2D",
-    "UpSampling2D": "Dense + Reshape",
-    "ZeroPadding2D": "Conv2D with padding='same'",
-    "Cropping2D": "Reshape, or Conv2D with padding='valid'",
-    "Permute": "Reshape (when the order of the elements is kept)",
+    "Conv2DTranspose": "Conv2D on an upsampled input (UpSampling2D), or Dense + Reshape",
+    "Conv1DTranspose": "Conv1D on an upsampled input (UpSampling1D)",
+    "Conv3DTranspose": "Conv3D",
+    "UpSampling3D": "UpSampling2D on a Reshape folding the depth into the rows",
     "PReLU": "LeakyReLU",
     "GroupNormalization": "LayerNormalization",
     "UnitNormalization": "LayerNormalization",
-    "Normalization": "normalising the inputs before the model, or BatchNormalization (folded)",
-    "Rescaling": "scaling the inputs before the model, or BatchNormalization (folded)",
-    "Subtract": "Add (of a negated branch) or Concatenate + Dense",
-    "Multiply": "Concatenate + Dense",
-    "Average": "Add, then a Dense scaled by 1/n",
-    "Maximum": "Concatenate + Dense",
-    "Minimum": "Concatenate + Dense",
     "Lambda": "a built-in layer or an Activation layer of a named activation",
-    "SimpleRNN": "Flatten + Dense (or Embedding + GlobalAveragePooling1D)",
-    "LSTM": "Flatten + Dense (or Embedding + GlobalAveragePooling1D)",
-    "GRU": "Flatten + Dense (or Embedding + GlobalAveragePooling1D)",
-    "Bidirectional": "Flatten + Dense (or Embedding + GlobalAveragePooling1D)",
-    "MultiHeadAttention": "Dense layers (no attention op in the compact model)",
-    "RepeatVector": "Concatenate of the same tensor",
+    "SimpleRNN": "Conv1D, or MultiHeadAttention with use_causal_mask=True",
+    "LSTM": "Conv1D, or MultiHeadAttention with use_causal_mask=True",
+    "GRU": "Conv1D, or MultiHeadAttention with use_causal_mask=True",
+    "Bidirectional": "Conv1D, or MultiHeadAttention",
+    "AdditiveAttention": "Attention(score_mode='concat')",
+    "GroupedQueryAttention": "MultiHeadAttention",
 }
 
 
@@ -644,6 +1020,7 @@ class _CheckingBuilder(_Builder):
     """A `_Builder` that records node names only: checking lowers every layer without encoding any weight."""
 
     def add(self, name, op, inputs, out, weights=None, attrs=None, layouts=None, slab=None) -> str:
+        self.shapes[name] = tuple(out.shape)
         return name
 
 
@@ -681,27 +1058,37 @@ def check_compactable(model) -> list[str]:
     except CompactionError as error:
         return [str(error)]
     problems: dict[str, str] = {}  # by layer name: a layer called twice is listed once
-    builder = _CheckingBuilder()
+    _check_layers(model, _CheckingBuilder(), problems, prefix="")
+    return list(problems.values())
+
+
+def _check_layers(model, builder: "_CheckingBuilder", problems: dict[str, str], prefix: str) -> None:
+    """`check_compactable` over the layers of ``model``, and of the models nested in it (named by path)."""
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
             layer = node.operation
-            if isinstance(layer, keras.layers.InputLayer) or layer.name in problems:
+            path = prefix + layer.name
+            if isinstance(layer, keras.layers.InputLayer) or path in problems:
                 continue
-            where = f"layer '{layer.name}' ({type(layer).__name__})"
+            where = f"layer '{path}' ({type(layer).__name__})"
             if isinstance(layer, keras.Model):
-                problems[layer.name] = f"{where}: a nested model; call its layers directly in the outer model"
+                try:
+                    _check_layers(_functional(layer), builder, problems, prefix=f"{path}/")
+                except CompactionError as error:
+                    problems[path] = f"{where}: {error}"
                 continue
             lowering = LOWERINGS.get(type(layer))
             if lowering is None:
-                problems[layer.name] = (f"{where}: mann-edge cannot compact this layer type; closest supported: "
-                                        f"{_closest_supported(layer)}")
+                problems[path] = (f"{where}: mann-edge cannot compact this layer type; closest supported: "
+                                  f"{_closest_supported(layer)}")
                 continue
             inputs = [f"in{i}" for i in range(len(node.arguments.keras_tensors))]
-            builder.layer = layer.name
+            for name, kt in zip(inputs, node.arguments.keras_tensors):
+                builder.shapes[name] = tuple(kt.shape)
+            builder.layer, builder.call = path, node
             try:
-                lowering(builder, layer, inputs, node.outputs, layer.name)
+                lowering(builder, layer, inputs, node.outputs, path)
             except CompactionError as error:
                 # Most lowering errors already name the layer; only those that do not get it in front.
                 named = f"'{layer.name}'" in str(error)
-                problems[layer.name] = str(error) if named else f"{where}: {error}"
-    return list(problems.values())
+                problems[path] = str(error) if named else f"{where}: {error}"

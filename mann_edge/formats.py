@@ -12,7 +12,7 @@ The metadata keys every export carries are defined here too, for writers and rea
 Example:
     >>> from mann_edge.formats import FORMATS, detect_format
     >>> [f.name for f in FORMATS.values()]
-    ['mann', 'tflite', 'onnx', 'coreml']
+    ['mann', 'tflite', 'onnx', 'ort', 'coreml']
     >>> detect_format("out/model.tflite").name
     'tflite'
 """
@@ -65,10 +65,12 @@ class Format:
         runtime: the runtime that runs it, for tables.
         runtime_module: the module that runtime lives in (imported ahead to measure memory).
         session: "module:Class" of its runtime session.
-        converter: the module with ``export``, ``validate``, ``artifact_name``, ``task_files``
-            and ``check_options``.
+        converter: the module with ``export``, ``validate``, ``runner``, ``sparse_layers``,
+            ``artifact_name``, ``task_files`` and ``check_options``.
         runs_on: platforms (`platform.system()` values) its runtime predicts on; empty: all.
         directory_marker: recognises a directory holding this format (besides the suffix).
+        calibrated_dtypes: the dtypes whose export needs calibration data (representative
+            inputs, one array per model input name: `convert(calibration=...)`).
     """
 
     name: str
@@ -82,6 +84,7 @@ class Format:
     converter: str
     runs_on: tuple[str, ...] = ()
     directory_marker: Callable[[Path], bool] | None = None
+    calibrated_dtypes: tuple[str, ...] = ()
 
     def recognises(self, path: Path) -> bool:
         """Whether ``path`` (an existing file or directory) holds this format, by its name or contents."""
@@ -118,26 +121,38 @@ FORMATS: dict[str, Format] = {
         ),
         Format(
             name="tflite", title="TFLite", suffix=".tflite", artifact="model.tflite",
-            dtypes=("float32", "float16", "int8"), runtime="LiteRT", runtime_module="ai_edge_litert.interpreter",
-            session="mann_edge.runtime.litert:LiteRTSession", converter="mann_edge.converters.tflite",
+            # int8: full-integer (calibrated weights and activations); int8_dynamic: dynamic-range (int8 weights only)
+            dtypes=("float32", "float16", "int8", "int8_dynamic"), runtime="LiteRT",
+            runtime_module="ai_edge_litert.interpreter", session="mann_edge.runtime.litert:LiteRTSession",
+            converter="mann_edge.converters.tflite", calibrated_dtypes=("int8",),
         ),
         Format(
             name="onnx", title="ONNX", suffix=".onnx", artifact="onnx",
-            dtypes=("float32", "float16"), runtime="onnxruntime", runtime_module="onnxruntime",
+            # int8: QDQ static quantization (int8 weights and activations), calibrated
+            dtypes=("float32", "float16", "int8"), runtime="onnxruntime", runtime_module="onnxruntime",
             session="mann_edge.runtime.onnx:OnnxSession", converter="mann_edge.converters.onnx",
-            directory_marker=_holds("*.onnx"),
+            directory_marker=_holds("*.onnx"), calibrated_dtypes=("int8",),
+        ),
+        Format(
+            name="ort", title="ORT format", suffix=".ort", artifact="ort",
+            dtypes=("float32", "float16", "int8"), runtime="onnxruntime", runtime_module="onnxruntime",
+            session="mann_edge.runtime.onnx:OnnxSession", converter="mann_edge.converters.ort",
+            directory_marker=_holds("*.ort"), calibrated_dtypes=("int8",),
         ),
         Format(
             name="coreml", title="Core ML", suffix=".mlpackage", artifact="coreml",
-            dtypes=("float32", "float16"), runtime="Core ML", runtime_module="coremltools",
+            # palettizedN: sparse + N-bit palettized weights; int8_weights: sparse + int8 weights (iOS18/macOS15+)
+            dtypes=("float32", "float16", "palettized2", "palettized4", "palettized6", "palettized8", "int8_weights"),
+            runtime="Core ML", runtime_module="coremltools",
             session="mann_edge.runtime.coreml:CoreMLSession", converter="mann_edge.converters.coreml",
             runs_on=("Darwin",), directory_marker=_holds("*.mlpackage"),
         ),
     )
 }
 
-# What `convert` exports by default: every format but the bundle, which it always writes.
-EXPORT_FORMATS = tuple(name for name in FORMATS if name != "mann")
+# What `convert` exports by default: every format but the bundle, which it always writes, and the ORT format
+# (ONNX Runtime Mobile's conversion of the ONNX export, asked for by name: `--to ort`).
+EXPORT_FORMATS = tuple(name for name in FORMATS if name not in ("mann", "ort"))
 
 
 def get_format(name: str) -> Format:

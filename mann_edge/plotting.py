@@ -140,10 +140,13 @@ def _kernel_slabs(model: CompactModel) -> dict[str, dict[int, list[Node]]]:
     return groups
 
 
-def _legend_names(panels: list[LayerOwnership]) -> list[str]:
-    """The label of each slab colour: the names slab ``i`` has across the panels, each once."""
-    count = max(len(panel.slabs) for panel in panels)
-    return [" / ".join(dict.fromkeys(p.slabs[i] for p in panels if i < len(p.slabs))) for i in range(count)]
+def _owner_names(panels: list[LayerOwnership]) -> list[str]:
+    """Every slab owner across the panels, each once, in order: one colour each.
+
+    By name, not by slab index: slab 0 of one layer and slab 0 of another may be
+    different tasks' (a layer shared by some of the tasks only).
+    """
+    return list(dict.fromkeys(name for panel in panels for name in panel.slabs))
 
 
 def _pooled(owner: np.ndarray, slabs: int, max_cells: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -222,7 +225,7 @@ def _draw_layer(ax, panel: LayerOwnership, colors: list[str]) -> None:
         title += f"\nshown {fr}x{fc}-pooled"
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(f"outputs ({cols})", fontsize=8)
-    inputs = "kh*kw*cin" if panel.op == "conv2d" else "inputs"
+    inputs = {"conv2d": "kh*kw*cin", "conv3d": "kd*kh*kw*cin"}.get(panel.op, "inputs")
     ax.set_ylabel(f"{inputs} ({rows})", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -277,8 +280,8 @@ def plot_masks(source, path, *, formats_bytes: Mapping[str, float] | None = None
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    slab_names = _legend_names(panels)
-    colors = task_colors(len(slab_names))
+    owners = _owner_names(panels)
+    colors = task_colors(len(owners))
     columns = min(len(panels), 3)
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(3.6 * columns + 1.0, 3.4 * rows + (1.6 if sizes else 0) + 0.6), layout="constrained")
@@ -286,11 +289,12 @@ def plot_masks(source, path, *, formats_bytes: Mapping[str, float] | None = None
     grid = figure.add_gridspec(rows + (1 if sizes else 0), columns,
                                height_ratios=[3] * rows + ([max(1.0, 0.35 * len(sizes))] if sizes else []))
     for i, panel in enumerate(panels):
-        _draw_layer(figure.add_subplot(grid[i // columns, i % columns]), panel, colors)
+        panel_colors = [colors[owners.index(name)] for name in panel.slabs]
+        _draw_layer(figure.add_subplot(grid[i // columns, i % columns]), panel, panel_colors)
     if sizes:
         _draw_bytes(figure.add_subplot(grid[rows, :]), sizes)
 
-    handles = [Patch(facecolor=c, edgecolor="none", label=name) for c, name in zip(colors, slab_names)]
+    handles = [Patch(facecolor=c, edgecolor="none", label=name) for c, name in zip(colors, owners)]
     handles.append(Patch(facecolor=FREE_COLOR, edgecolor="#999999", label="unused"))
     if any(p.overlapping for p in panels):
         handles.append(Patch(facecolor=OVERLAP_COLOR, edgecolor="none", label="several tasks"))

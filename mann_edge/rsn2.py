@@ -901,13 +901,26 @@ def check_model(model) -> None:
     Example:
         >>> check_model(model)   # returns None when every layer compacts
     """
-    problems = check_compactable(model)
+    problems = check_compactable(model) + _nested_masked_layers(model)
     if problems:
         listed = "; ".join(f"({i}) {problem}" for i, problem in enumerate(problems, start=1))
         raise CompactionError(
             f"Model '{model.name}' has {len(problems)} layer(s) mann-edge cannot compact, so it could not be exported "
             f"after training: {listed}. Change them before training (or pass check=False to train it anyway)"
         )
+
+
+def _nested_masked_layers(model) -> list[str]:
+    """RSN2 masks the model's own layers; a masked layer inside a nested model would train but never be pruned."""
+    problems = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            inner = [sub.name for sub in layer._flatten_layers(include_self=False) if getattr(sub, "masked", False)]
+            if inner:
+                problems.append(f"nested model '{layer.name}' holds masked layers {inner}, which RSN2 cannot prune "
+                                "there; call those layers in the outer model (or load it with load_legacy, which "
+                                "reads nested models into one graph)")
+    return problems
 
 
 def enable_determinism(threads: int | None = None) -> dict:

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from mann_edge import determinism, rsn2, samples
 from mann_edge.files import atomic_output
-from mann_edge.layers import MaskedConv2D, MaskedDense, MultiMaskedDense, SelectorLayer
+from mann_edge.layers import MaskedConv2D, MaskedDense, MultiMaskedConv1D, MultiMaskedDense, SelectorLayer
 
 __all__ = ["build", "build_permuted_digits", "train_dense_twin", "train_sample", "main", "RSN2", "PERMUTED_RSN2"]
 
@@ -72,12 +72,37 @@ def sentiment_branch() -> tuple[keras.KerasTensor, keras.KerasTensor]:
     return tokens, MaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name="review_dense")(x)
 
 
+def sequence_branches() -> tuple[list, list]:
+    """Two text tasks on the same sentences, as in the original packages' image + text example.
+
+    Token ids -> one embedding -> a MultiMaskedConv1D (a slab per task) -> sentiment: global max
+    pooling; negation (is the verdict clause negated? word order decides): a small transformer
+    block (two-head self-attention, residual, layer norm), then global average pooling.
+    """
+    inputs = [keras.Input((samples.TOKENS,), dtype="int32", name=samples.TASK_IO[task][0])
+              for task in ("sentiment", "negation")]
+    embedding = keras.layers.Embedding(len(samples.VOCABULARY), EMBEDDING, name="embedding")
+    sentiment, negation = MultiMaskedConv1D(32, 3, padding="same", activation="relu", kernel_initializer=INIT,
+                                            name="text_conv")([embedding(x) for x in inputs])
+    sentiment = keras.layers.GlobalMaxPooling1D(name="review_pool")(sentiment)
+    attended = keras.layers.MultiHeadAttention(2, 8, name="verdict_attention")(negation, negation)
+    negation = keras.layers.LayerNormalization(name="verdict_norm")(keras.layers.Add(name="verdict_residual")(
+        [negation, attended]))
+    negation = keras.layers.GlobalAveragePooling1D(name="verdict_pool")(negation)
+    features = [MaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name=f"{task}_dense")(x)
+                for task, x in (("review", sentiment), ("verdict", negation))]
+    return inputs, features
+
+
 BRANCHES = {"digits": digits_branch, "cancer": cancer_branch, "sentiment": sentiment_branch}
-CLASSES = {"digits": 10, "cancer": 2, "sentiment": 2}
+# Branches that serve several tasks at once (a multitask layer inside), by the tasks they serve.
+SHARED_BRANCHES = {("sentiment", "negation"): sequence_branches}
+CLASSES = {"digits": 10, "cancer": 2, "sentiment": 2, "negation": 2}
 DATA = {
     "digits": "sklearn.datasets.load_digits, images / 16 as (8, 8, 1)",
     "cancer": "sklearn.datasets.load_breast_cancer, standardised with the train split's mean and std",
     "sentiment": f"generated: mann_edge.samples.sentiment_corpus({samples.CORPUS_SIZE}, seed={samples.SEED})",
+    "negation": "the sentiment corpus, labelled by mann_edge.samples.negation_labels",
 }
 
 
@@ -85,8 +110,17 @@ def build(name: str, seed: int = samples.SEED) -> keras.Model:
     """The sample's MANN: one branch per task into two shared MultiMaskedDense layers, one head per task."""
     keras.utils.set_random_seed(seed)
     tasks = samples.sample_tasks(name)
-    inputs, features = zip(*(BRANCHES[task]() for task in tasks))
-    h = MultiMaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name="shared_1")(list(features))
+    inputs, features = [], []
+    for group in _branch_groups(tasks):
+        if len(group) == 1:
+            x, feature = BRANCHES[group[0]]()
+            inputs.append(x)
+            features.append(feature)
+        else:
+            group_inputs, group_features = SHARED_BRANCHES[group]()
+            inputs += group_inputs
+            features += group_features
+    h = MultiMaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name="shared_1")(features)
     h = MultiMaskedDense(HIDDEN, activation="relu", kernel_initializer=INIT, name="shared_2")(h)
     outputs = [
         MaskedDense(CLASSES[task], activation="softmax", kernel_initializer=INIT, name=task)(
@@ -95,6 +129,17 @@ def build(name: str, seed: int = samples.SEED) -> keras.Model:
         for i, task in enumerate(tasks)
     ]
     return keras.Model(list(inputs), outputs, name=name)
+
+
+def _branch_groups(tasks) -> list[tuple[str, ...]]:
+    """``tasks`` in order, the ones a shared branch serves grouped together (consecutive in the sample)."""
+    groups, position = [], 0
+    while position < len(tasks):
+        shared = next((g for g in SHARED_BRANCHES if tuple(tasks[position:position + len(g)]) == g), None)
+        group = shared or (tasks[position],)
+        groups.append(group)
+        position += len(group)
+    return groups
 
 
 def build_permuted_digits(tasks: int = 3, hidden: int = 256, seed: int = samples.SEED) -> keras.Model:
@@ -153,13 +198,15 @@ def train_dense(name: str, data: dict) -> keras.Model:
 
 
 def multitask_sparsity(model: keras.Model, tasks) -> dict:
-    """Per task, per multitask layer: the fraction of that task's kernel slab that is pruned."""
+    """Per task, per multitask layer it owns a slab of: the fraction of that slab's kernel that is pruned."""
+    from mann_edge.compaction import task_usage
+
+    layers = {layer.name: layer for layer in model.layers}
     result = {task: {} for task in tasks}
-    for layer in model.layers:
-        if getattr(layer, "multitask", False) and getattr(layer, "masked", False):
-            mask = layer.get_masks()[0]
-            for slab, task in enumerate(tasks):
-                result[task][layer.name] = float(1.0 - mask[slab].mean())
+    for task, usage in zip(tasks, task_usage(model)):
+        for name, slab in sorted(usage.layers, key=str):
+            if slab is not None and getattr(layers[name], "masked", False):
+                result[task][name] = float(1.0 - layers[name].get_masks()[0][slab].mean())
     return result
 
 
@@ -232,7 +279,7 @@ def train_sample(name: str, out_dir: Path, *, force: bool = False) -> dict:
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
     }
-    if "sentiment" in tasks:
+    if {"sentiment", "negation"} & set(tasks):
         record["corpus_sha256"] = samples.corpus_sha256()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_keras(model, model_path, force)

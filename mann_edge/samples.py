@@ -10,7 +10,10 @@ with the package):
   corpus of movie-review sentences, through an Embedding layer).
 
 Beside each model, ``<name>.json`` records each task's test accuracy dense vs
-RSN2-pruned and the sparsity reached. `sample_data` rebuilds the exact splits
+RSN2-pruned and the sparsity reached, ``<name>.calibration.npz`` holds representative
+inputs for full-integer int8 (`mann-edge convert --calibration`) and ``<name>.test.npz``
+the test split with its labels (`mann-edge convert --eval`), both keyed by the model's
+input and output names (`write_sample_sets` writes them from `sample_data`). `sample_data` rebuilds the exact splits
 the script trained and tested on (scikit-learn's bundled data and a corpus
 generated from a fixed seed; nothing downloads).
 
@@ -46,6 +49,7 @@ __all__ = [
     "sample_data",
     "accuracy",
     "sentiment_corpus",
+    "negation_labels",
     "corpus_sha256",
     "tokenize",
     "VOCABULARY",
@@ -53,6 +57,13 @@ __all__ = [
     "summary_lines",
     "ACCURACY_MARGIN",
     "permuted_digits",
+    "TASK_IO",
+    "CALIBRATION_EXAMPLES",
+    "calibration_path",
+    "evaluation_path",
+    "calibration_arrays",
+    "evaluation_arrays",
+    "write_sample_sets",
 ]
 
 SAMPLES_DIR = Path(__file__).parent / "samples_data"
@@ -60,11 +71,21 @@ SAMPLES_DIR = Path(__file__).parent / "samples_data"
 SAMPLES: dict[str, tuple[str, ...]] = {
     "vision_tabular": ("digits", "cancer"),
     "vision_text": ("digits", "sentiment"),
+    "vision_sequence": ("digits", "sentiment", "negation"),
 }
 SEED = 0
 TEST_SIZE = 0.25  # of each data set, held out for the recorded test accuracy
 VAL_SIZE = 0.2  # of the rest, for RSN2's keep-or-roll-back decisions
 CORPUS_SIZE = 3000
+# Each sample task's model input name and output name (test_samples checks them against the models).
+TASK_IO: dict[str, tuple[str, str]] = {
+    "digits": ("digits_image", "digits"),
+    "cancer": ("cancer_features", "cancer"),
+    "sentiment": ("review_tokens", "sentiment"),
+    "negation": ("verdict_tokens", "negation"),
+}
+# Training examples per input kept as calibration data: what the TFLite int8 export reads per task.
+CALIBRATION_EXAMPLES = 200
 # How far below its dense twin's test accuracy a pruned task may land before its summary flags it.
 ACCURACY_MARGIN = 0.01
 
@@ -112,6 +133,65 @@ def sample_record(name: str) -> dict:
 def sample_tasks(name: str) -> tuple[str, ...]:
     """The task names of sample ``name``, in model output order."""
     return SAMPLES[_check_name(name)]
+
+
+def calibration_path(name: str) -> Path:
+    """Path of sample ``name``'s calibration data: an ``.npz`` with one array per model input name.
+
+    Example:
+        >>> calibration_path("vision_tabular").name
+        'vision_tabular.calibration.npz'
+    """
+    return SAMPLES_DIR / f"{_check_name(name)}.calibration.npz"
+
+
+def evaluation_path(name: str) -> Path:
+    """Path of sample ``name``'s test set: inputs by input name, labels by each task's output name.
+
+    Example:
+        >>> evaluation_path("vision_text").name
+        'vision_text.test.npz'
+    """
+    return SAMPLES_DIR / f"{_check_name(name)}.test.npz"
+
+
+def calibration_arrays(name: str, seed: int = SEED) -> dict[str, np.ndarray]:
+    """The first `CALIBRATION_EXAMPLES` training examples of each task, by model input name.
+
+    Training examples, never test ones: the test set stays unseen by every step of an export.
+
+    Example:
+        >>> {k: v.shape for k, v in calibration_arrays("vision_tabular").items()}
+        {'digits_image': (200, 8, 8, 1), 'cancer_features': (200, 30)}
+    """
+    return {TASK_IO[task][0]: data.x_train[:CALIBRATION_EXAMPLES] for task, data in sample_data(name, seed).items()}
+
+
+def evaluation_arrays(name: str, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Each task's test split: its inputs by model input name, its labels by its output name.
+
+    Example:
+        >>> sorted(evaluation_arrays("vision_tabular"))
+        ['cancer', 'cancer_features', 'digits', 'digits_image']
+    """
+    arrays = {}
+    for task, data in sample_data(name, seed).items():
+        input_name, output_name = TASK_IO[task]
+        arrays[input_name], arrays[output_name] = data.x_test, data.y_test
+    return arrays
+
+
+def write_sample_sets(name: str) -> tuple[Path, Path]:
+    """Writes sample ``name``'s calibration and test ``.npz`` files (deterministic); returns their paths.
+
+    Example:
+        >>> write_sample_sets("vision_text")[0].name
+        'vision_text.calibration.npz'
+    """
+    paths = calibration_path(name), evaluation_path(name)
+    for path, arrays in zip(paths, (calibration_arrays(name), evaluation_arrays(name))):
+        np.savez_compressed(path, **arrays)
+    return paths
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -166,7 +246,12 @@ def _sentiment(seed: int) -> TaskData:
     return TaskData(*_splits(tokenize(sentences), np.asarray(labels, np.int32), seed))
 
 
-_TASK_DATA = {"digits": _digits, "cancer": _cancer, "sentiment": _sentiment}
+def _negation(seed: int) -> TaskData:
+    sentences, _ = sentiment_corpus(CORPUS_SIZE, seed)
+    return TaskData(*_splits(tokenize(sentences), negation_labels(sentences), seed))
+
+
+_TASK_DATA = {"digits": _digits, "cancer": _cancer, "sentiment": _sentiment, "negation": _negation}
 
 
 def permuted_digits(tasks: int = 3, seed: int = SEED) -> list[TaskData]:
@@ -285,6 +370,25 @@ def sentiment_corpus(size: int = CORPUS_SIZE, seed: int = SEED) -> tuple[list[st
         sentence, label = _sentence(rng)
         seen.setdefault(sentence, label)
     return list(seen), list(seen.values())
+
+
+def negation_labels(sentences) -> np.ndarray:
+    """Whether each sentence's verdict is negated (1) or not (0): a label that needs word order.
+
+    The verdict is the clause after "but" when there is one, else the whole sentence, so
+    "the plot was not good but the music was great" is 0 and "... but i did not like the
+    story" is 1: the same words in another order flip it.
+
+    Example:
+        >>> negation_labels(["the film was not good but the music was great", "the plot was never dull"]).tolist()
+        [0, 1]
+    """
+    labels = []
+    for sentence in sentences:
+        words = sentence.split()
+        verdict = words[words.index("but") + 1:] if "but" in words else words
+        labels.append(int(any(word in NEGATIONS for word in verdict)))
+    return np.asarray(labels, np.int32)
 
 
 def corpus_sha256(size: int = CORPUS_SIZE, seed: int = SEED) -> str:

@@ -12,9 +12,10 @@ The multiplication itself is a "product" chosen once per op when it is bound:
   4-wide loads per block instead of three loads per nonzero. Used when numba is installed
   and the weight is block structured (`Blocks1x4.from_csr`: its nonzeros fill at least
   75 % of its blocks; the rest of each block becomes explicit zeros).
-- `NumbaCSRProduct` (runtime/fast_kernels.py): compiled CSR kernels with the bias and a
-  ReLU fused in, float16 values kept as float16, serial or parallel by ``threads``.
-  Used when numba is installed, for every other CSR weight.
+- `NumbaCSRProduct` (runtime/fast_kernels.py): compiled sliced-ELLPACK kernels (`Sell8`: eight
+  rows per slice, their inputs fetched by one hardware gather) with the bias and a ReLU fused
+  in, float16 values kept as float16, serial or parallel by ``threads``. Used when numba is
+  installed, for every other CSR weight.
 - `ScipyCSRProduct`: scipy's CSR matrix product, float32 values; single-threaded.
   The fallback when numba is missing, or when ``MANN_EDGE_KERNELS=numpy``.
 - `DenseProduct`: a weight the bundle keeps dense (CSR would be larger) goes to BLAS.
@@ -26,7 +27,10 @@ size (`Windows`), instead of the reference ops' padded strided views.
 ``numpy`` (the scipy fallback), read when a task's ops are bound.
 
 Each kernel registers in `KERNELS` under the op type it replaces, with a decorator
-beside its class; `runtime_ops` lays them over the reference ops.
+beside its class; `runtime_ops` lays them over the reference ops. With numba, the bundle
+backend runs a task through these op classes only where it cannot use its compiled program
+(runtime/program.py: the whole task planned once per input shapes and run in one compiled
+call): multi-threaded runs of large tasks, and ops the program does not know.
 
 Example:
     >>> kernel_backend()

@@ -5,12 +5,14 @@ after the task's specs) and the model's manifest in its metadata (``mann_edge_ma
 from which the tasks are rebuilt. The metadata is read straight from the flatbuffer with
 ``ai_edge_litert.schema_py_generated``; TensorFlow is never imported.
 
-With ``use_xnnpack=True`` LiteRT applies its XNNPACK delegate; with ``False`` only the
-builtin kernels run (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``), the fallback when a delegate
-computes something wrong. By default the session follows the file: an export records
-``mann_edge_use_xnnpack = false`` when its verification found XNNPACK wrong and the
-builtin kernels right (int8 1x16 block-sparse weights on LiteRT 2.3, x86), and XNNPACK
-is on otherwise.
+With ``use_xnnpack=True`` LiteRT applies its XNNPACK delegate (its default); with ``False``
+only the builtin kernels run (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``). mann-edge exports
+all run with XNNPACK on (each int8 export is verified so); files written by mann-edge
+before that may record ``mann_edge_use_xnnpack = false``, which the session honours.
+
+A full-integer export written with int8 inputs and outputs keeps the task's float
+interface here: float inputs are quantized and int8 outputs dequantized with the file's
+own scales and zero points.
 
 Example:
     >>> sess = LiteRTSession("out/model.tflite")
@@ -266,11 +268,32 @@ class LiteRTSession(Session):
         runner = self._runners.get(task.name)
         if runner is None:
             runner = self._runners[task.name] = self.interpreter.get_signature_runner(task.name)
+        # A full-integer export with int8 inputs/outputs (`int8_io`): the session keeps the task's
+        # float interface, quantizing at the boundary with the file's own scales.
+        details = runner.get_input_details()
+        inputs = {name: _quantize(array, details[name]) for name, array in inputs.items()}
         try:
             results = runner(**inputs)
         except (RuntimeError, ValueError) as error:  # LiteRT puts its kernels' messages in the error
             raise MannEdgeError(f"LiteRT failed to run task {task.name!r} of {self.path}: {error}") from None
-        return [results[spec.name] for spec in task.outputs]
+        outputs = runner.get_output_details()
+        return [_dequantize(results[spec.name], outputs[spec.name]) for spec in task.outputs]
+
+
+def _quantize(array: np.ndarray, detail: dict) -> np.ndarray:
+    """``array`` as the int8 tensor ``detail`` describes, when the file takes int8 for a float input."""
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    if detail["dtype"] != np.int8 or not scale or not np.issubdtype(np.asarray(array).dtype, np.floating):
+        return array
+    return np.clip(np.round(array / scale) + zero_point, -128, 127).astype(np.int8)
+
+
+def _dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
+    """An int8 output as float32 values with the file's scale; other outputs unchanged."""
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    if array.dtype != np.int8 or not scale:
+        return array
+    return ((array.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
 def _open_interpreter(path: Path, threads: int | None, use_xnnpack: bool):

@@ -38,11 +38,16 @@ from mann_edge.runtime.session import Session
 __all__ = [
     "OnnxSession",
     "SUFFIX",
+    "ORT_SUFFIX",
+    "read_ort_metadata",
+    "fixed_batch",
     "read_metadata",
     "read_manifest",
 ]
 
 SUFFIX = ".onnx"
+# ONNX Runtime's own format (a flatbuffer, for ONNX Runtime Mobile): same graphs, same metadata_props.
+ORT_SUFFIX = ".ort"
 
 # ModelProto's fields (onnx/onnx.proto): number -> protobuf wire type (0 varint, 2 length-delimited).
 _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
@@ -138,15 +143,39 @@ def read_metadata(path: "str | os.PathLike") -> dict[str, str]:
     return metadata
 
 
+def read_ort_metadata(path: "str | os.PathLike") -> dict[str, str]:
+    """The ``metadata_props`` of an ORT-format model file (key -> value), read from its flatbuffer.
+
+    Example:
+        >>> read_ort_metadata("out/ort/digits.ort")["mann_edge_task"]
+        'digits'
+    """
+    import onnxruntime.tools.ort_format_model  # noqa: F401  (puts its flatbuffer classes on sys.path)
+    from ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
+
+    path = Path(path)
+    if not path.is_file():
+        raise MannEdgeError(f"ORT model {path} does not exist or is not a file")
+    data = path.read_bytes()
+    if len(data) < 8 or not InferenceSession.InferenceSessionBufferHasIdentifier(data, 0):
+        raise MannEdgeError(f"{path} is not an ORT-format model: expected the flatbuffer file identifier b'ORTM'")
+    try:
+        model = InferenceSession.GetRootAs(data, 0).Model()
+        entries = [model.MetadataProps(i) for i in range(model.MetadataPropsLength())] if model else []
+        return {entry.Key().decode(): entry.Value().decode() for entry in entries}
+    except Exception as error:  # a corrupt flatbuffer fails anywhere while being walked
+        raise MannEdgeError(f"{path} is not a readable ORT-format model ({type(error).__name__}: {error})") from None
+
+
 def read_manifest(path: "str | os.PathLike") -> tuple[dict, dict[str, str]]:
-    """(the mann-edge manifest, all metadata) of one ``.onnx`` file, or a MannEdgeError naming the file.
+    """(the mann-edge manifest, all metadata) of one ``.onnx`` or ``.ort`` file, or a MannEdgeError naming the file.
 
     Example:
         >>> manifest, metadata = read_manifest("out/onnx/digits.onnx")
         >>> metadata["mann_edge_dtype"], manifest["tasks"][0]["name"]
         ('float32', 'digits')
     """
-    metadata = read_metadata(path)
+    metadata = read_ort_metadata(path) if Path(path).suffix == ORT_SUFFIX else read_metadata(path)
     for key in (METADATA_MANIFEST, METADATA_TASK):
         if key not in metadata:
             raise MannEdgeError(
@@ -162,9 +191,10 @@ def read_manifest(path: "str | os.PathLike") -> tuple[dict, dict[str, str]]:
 
 def _task_files(path: Path) -> tuple[list[Task], dict[str, Path], dict[str, str]]:
     """The tasks of the export at ``path`` (in the model's order), the file of each, and the dtype of each."""
-    files = sorted(path.glob(f"*{SUFFIX}")) if path.is_dir() else [path]
+    # a directory of one kind: per-task .onnx files, or their .ort conversions
+    files = (sorted(path.glob(f"*{SUFFIX}")) or sorted(path.glob(f"*{ORT_SUFFIX}"))) if path.is_dir() else [path]
     if not files:
-        raise MannEdgeError(f"{path} holds no {SUFFIX} files, so no ONNX export")
+        raise MannEdgeError(f"{path} holds no {SUFFIX} or {ORT_SUFFIX} files, so no ONNX export")
     by_task: dict[str, Path] = {}
     specs: dict[str, Task] = {}
     dtypes: dict[str, str] = {}
@@ -184,7 +214,7 @@ def _task_files(path: Path) -> tuple[list[Task], dict[str, Path], dict[str, str]
         by_task[name], specs[name] = file, tasks[name]
         dtypes[name] = metadata.get(METADATA_DTYPE, "float32")
         exports[file] = export_of(manifest, metadata[METADATA_MANIFEST], file)
-    order = export_task_order(path, by_task, exports, parts=f"the {SUFFIX} files", whole=path.is_dir())
+    order = export_task_order(path, by_task, exports, parts=f"the {files[0].suffix} files", whole=path.is_dir())
     return [specs[name] for name in order], by_task, dtypes
 
 
@@ -206,7 +236,8 @@ class OnnxSession(Session):
     """An ONNX export opened with onnxruntime; ``run(task, x)`` runs only that task's graph.
 
     Args:
-        path: the export directory (one ``.onnx`` per task) or a single task's ``.onnx`` file.
+        path: the export directory (one ``.onnx`` per task, or one ``.ort`` per task: ONNX
+            Runtime's own format) or a single task's file.
         threads: onnxruntime's intra-op thread count (None: its default).
 
     Raises:
@@ -258,3 +289,15 @@ class OnnxSession(Session):
             return session.run([spec.name for spec in task.outputs], inputs)
         except _ort_errors() as error:  # onnxruntime puts its kernels' messages in the error
             raise MannEdgeError(f"onnxruntime failed to run task {task.name!r} of {self.files[task.name]}: {error}") from None
+
+
+def fixed_batch(session: OnnxSession) -> int | None:
+    """The batch size every task of ``session`` is fixed to (exported with ``batch=N``), or None when it is free.
+
+    Example:
+        >>> fixed_batch(OnnxSession("out/onnx"))   # exported with batch=1
+        1
+    """
+    sizes = {arg.shape[0] for task in session.tasks for arg in session.session(task.name).get_inputs()}
+    (size,) = sizes if len(sizes) == 1 else (None,)
+    return size if isinstance(size, int) else None

@@ -1,6 +1,6 @@
 """Trains the sample MANNs with RSN2 and writes them, with their accuracy records, into mann_edge/samples_data/.
 
-    python sample_models/train.py                   # both samples (refuses to overwrite)
+    python sample_models/train.py                   # every sample (refuses to overwrite)
     python sample_models/train.py --only vision_text --force
 
 The models, the data and the training are in `mann_edge.sample_training` (so that

@@ -41,10 +41,15 @@ def test_a_task_reads_only_the_inputs_it_needs(mixed_compact):
 def test_running_a_task_runs_only_its_own_ops(bundles, mixed_compact):
     session = mann_edge.runtime.load(bundles["mixed"])
     session.run("vision", zoo.sample_batch(zoo.build_mixed(), 2)[0])
-    ran = {name for name, _, _ in session._executors["vision"].steps}
+    # the task ran as a compiled program (numba) or op by op (scipy, or a batch past the program's memory plan)
+    program = session._programs.get("vision")
+    ran = {node.name for node in program.nodes} if program is not None else set()
+    if "vision" in session._executors:
+        ran |= {name for name, _, _ in session._executors["vision"].steps}
     assert ran == {node.name for node in mixed_compact.task_nodes("vision")}
     assert not {mixed_compact.node(name).attrs["layer"] for name in ran} & {"embedding", "layer_norm", "text_dense"}
-    assert set(session._executors) == {"vision"}
+    assert {task for task, program in session._programs.items() if program is not None} | set(session._executors) \
+        == {"vision"}
 
 
 # -- what compaction builds ----------------------------------------------------------------------
@@ -160,6 +165,80 @@ def test_a_layer_it_cannot_compact_is_named_with_its_class():
     expected = r"cannot compact layer type 'LSTM' \(layer 'recurrent'\)\. Supported layer types: \[.*'MultiMaskedDense'"
     with pytest.raises(CompactionError, match=expected):
         mann_edge.compact(keras.Model(x, y))
+
+
+def _nested_model() -> keras.Model:
+    """A functional block called twice (second call on its own output) and a Sequential, nested in one model."""
+    keras.utils.set_random_seed(0)
+    inner = keras.Input((4,))
+    block = keras.Model(inner, keras.layers.Dense(4, activation="tanh", name="dense")(inner), name="block")
+    head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="dense")], name="head")
+    x = keras.Input((4,), name="x")
+    first = block(x)
+    y = head(keras.layers.Add(name="add")([block(first), x]))
+    return keras.Model(x, [y, keras.layers.Dense(3, name="other")(first)], name="outer")
+
+
+def test_nested_models_are_flattened_into_the_graph_named_by_path():
+    from mann_edge.compaction import task_usage
+
+    model = _nested_model()
+    cm = mann_edge.compact(model, task_names=["y", "other"])
+    # a layer called twice gives two nodes (the second call's named '@1') of one layer
+    assert {(n.name, n.attrs["layer"]) for n in cm.nodes if n.op == "dense"} == {
+        ("block/dense", "block/dense"), ("other", "other"), ("block@1/dense", "block/dense"), ("head/dense", "head/dense")}
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    for task, want in zip(cm.task_names, zoo.keras_outputs(model, x)):
+        np.testing.assert_allclose(cm.run(task, x)[0], want, atol=1e-6)
+    usage = task_usage(model)
+    assert usage[0].layers == {("block", None), ("block/dense", None), ("head", None), ("head/dense", None),
+                               ("add", None)}
+    assert usage[1].layers == {("block", None), ("block/dense", None), ("other", None)}
+    assert usage[0].inputs == usage[1].inputs == {"x"}
+
+
+def test_check_compactable_looks_inside_nested_models():
+    from mann_edge.compaction import check_compactable
+
+    inner = keras.Input((4, 3))
+    block = keras.Model(inner, keras.layers.LSTM(2, name="recurrent")(inner), name="block")
+    x = keras.Input((4, 3), name="x")
+    problems = check_compactable(keras.Model(x, keras.layers.Dense(2)(block(x))))
+    assert len(problems) == 1 and "layer 'block/recurrent' (LSTM)" in problems[0] and "Conv1D" in problems[0]
+    assert check_compactable(_nested_model()) == []
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda x: keras.layers.UpSampling2D(2, interpolation="bicubic", name="smooth")(x),
+     r"UpSampling2D 'smooth' uses interpolation='bicubic'"),
+    (lambda x: keras.layers.Conv2D(4, 3, groups=2, name="grouped")(keras.layers.Conv2D(2, 1)(x)),
+     r"Layer 'grouped' uses groups=2"),
+    (lambda x: keras.layers.Normalization(axis=1, mean=0.0, variance=1.0, name="rows")(x),
+     r"Normalization 'rows' normalises axes \(1,\)"),
+    (lambda x: keras.layers.Attention(name="scored")([x, x], return_attention_scores=True)[0],
+     r"Layer 'scored' \(Attention\) is called with return_attention_scores"),
+])
+def test_layer_settings_it_cannot_compact_are_named_with_the_layer(build, match):
+    x = keras.Input((4, 4, 1), name="image")
+    model = keras.Model(x, build(x))
+    with pytest.raises(CompactionError, match=match):
+        mann_edge.compact(model)
+
+
+def test_multi_head_attention_keeps_its_projection_kernels_sparse():
+    keras.utils.set_random_seed(0)
+    x = keras.Input((6, 16), name="x")
+    layer = keras.layers.MultiHeadAttention(4, 8, name="mha")
+    model = keras.Model(x, layer(x, x))
+    for weight in layer.weights:
+        if weight.path.endswith("kernel"):
+            value = keras.ops.convert_to_numpy(weight)
+            weight.assign(np.where(np.random.default_rng(1).random(value.shape) < 0.8, 0.0, value))
+    cm = mann_edge.compact(model)
+    kernels = [cm.weights[n.weights["kernel"]] for n in cm.nodes if n.op == "dense"]
+    assert len(kernels) == 4 and all(isinstance(k, CSRWeight) for k in kernels)
+    inputs = np.random.default_rng(2).normal(size=(3, 6, 16)).astype("float32")
+    np.testing.assert_allclose(cm.run(cm.task_names[0], inputs)[0], zoo.keras_outputs(model, inputs)[0], atol=1e-5)
 
 
 def test_nan_weights_are_refused_naming_the_layer():

@@ -11,6 +11,7 @@ import mann_edge
 import zoo
 from mann_edge.api import convert, verify
 from mann_edge.cli import main
+from mann_edge.converters import validation
 from mann_edge.errors import ConversionError, OutputExistsError, ValidationError
 from mann_edge.graph.model import CompactModel
 from mann_edge.sparse import CSRWeight
@@ -192,14 +193,15 @@ def test_overlapping_masks_warn_in_one_line_and_strict_refuses(tmp_path, capsys)
 
 def test_an_option_a_format_cannot_take_is_refused_before_anything_is_written(tmp_path, multiconv_compact):
     out = tmp_path / "out"
-    with pytest.raises(ConversionError, match=r"ONNX.*int8.*Core ML.*int8"):
+    with pytest.raises(ConversionError, match=r"TFLite.*'int8'.*needs calibration data.*ONNX.*int8.*Core ML.*int8"):
         convert(multiconv_compact, out, formats=["tflite", "onnx", "coreml"], dtype="int8")
     assert not out.exists()
     with pytest.raises(ConversionError, match=r"target"):
         convert(multiconv_compact, out, formats=["coreml"], options={"coreml": {"target": "iOS9"}})
     assert not out.exists()
     # nothing was left behind, so the same directory takes the corrected command
-    result = convert(multiconv_compact, out, formats=["tflite"], dtype="int8")
+    with pytest.warns(UserWarning, match="int8_dynamic' stores every weight dense"):
+        result = convert(multiconv_compact, out, formats=["tflite"], dtype="int8_dynamic")
     assert set(result.artifacts) == {"mann", "tflite"}
 
 
@@ -257,9 +259,18 @@ def test_two_conversions_of_the_same_source_are_byte_identical(tmp_path, legacy_
 
     source = tmp_path / "mlp.h5"
     source.write_bytes((zoo.LEGACY / "mann_mlp.h5").read_bytes())
-    first = convert(str(source), tmp_path / "a", task_names=["digits", "cancer"])
-    second = convert(str(source), tmp_path / "b", task_names=["digits", "cancer"])
+    every = [*mann_edge.formats.EXPORT_FORMATS, "ort"]
+    first = convert(str(source), tmp_path / "a", formats=every, task_names=["digits", "cancer"])
+    second = convert(str(source), tmp_path / "b", formats=every, task_names=["digits", "cancer"])
     for format, path in first.artifacts.items():
+        if format == "ort":  # onnxruntime writes some ORT-format tables in hash order: same model, other bytes
+            assert (path / "required_operators.config").read_text() == \
+                (second.artifacts[format] / "required_operators.config").read_text()
+            for task in first.model.tasks:
+                feed = validation.sample_inputs(first.model, task, 4)
+                np.testing.assert_array_equal(mann_edge.runtime.load(path).run(task.name, feed)[0],
+                                              mann_edge.runtime.load(second.artifacts[format]).run(task.name, feed)[0])
+            continue
         assert sha256_file(path) == sha256_file(second.artifacts[format]), format
     assert "created" not in mann_edge.load_compact(first.artifacts["mann"]).provenance
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
@@ -281,3 +292,14 @@ def test_the_table_shows_per_task_bytes_for_every_format_and_file_totals_once(co
         assert not rows[(task, "onnx")]["shared"]
     table = result.format_table()
     assert table.count("model.tflite") == 1 and "share of a file" in table
+
+
+def test_every_format_has_the_converter_entry_points_convert_calls():
+    from mann_edge.formats import FORMATS as ALL
+
+    for format in ALL.values():
+        module = format.converter_module()
+        missing = [name for name in ("check_options", "export", "validate", "runner", "sparse_layers",
+                                     "artifact_name", "task_files") if not callable(getattr(module, name, None))]
+        assert not missing, (format.name, missing)
+        assert set(format.calibrated_dtypes) <= set(format.dtypes), format.name

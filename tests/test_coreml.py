@@ -290,7 +290,7 @@ def test_unsupported_op_is_named_with_the_supported_ones(out):
 def test_bad_options_are_refused(multiconv_compact, out):
     with pytest.raises(ConversionError, match="macOS13/iOS16 or later"):
         coreml.export(multiconv_compact, out / "old", target="macOS12")
-    with pytest.raises(ConversionError, match="float32' or 'float16"):
+    with pytest.raises(ConversionError, match="'float32', 'float16', .*'int8_weights'. Received: 'int8'"):
         coreml.export(multiconv_compact, out / "int8", dtype="int8")
     with pytest.raises(ConversionError, match="must end in .mlpackage"):
         coreml.export(multiconv_compact, out / "multi", target="iOS18")
@@ -300,7 +300,10 @@ def test_check_options_refuses_what_export_would_and_writes_nothing(out):
     before = sorted(out.iterdir())
     coreml.check_options(dtype="float16", sparse=False, target="iOS18", max_batch=8)
     for options, message in (
-        ({"dtype": "int8"}, r"Core ML export takes dtype 'float32' or 'float16'. Received: 'int8'"),
+        ({"dtype": "int8"}, r"Core ML export takes dtype 'float32', 'float16', 'palettized2', .* or 'int8_weights'. "
+                            r"Received: 'int8'"),
+        ({"dtype": "palettized4"}, r"dtype 'palettized4' \(joint sparse compression\) needs a macOS15/iOS18 target.*"
+                                   r"Received: target='macOS13'"),
         ({"target": "macOS12"}, r"target with sparse weights \(macOS13/iOS16 or later\): \[.*'macOS13'.*\]. "
                                 r"Received: 'macOS12'"),
         ({"max_batch": 0}, r"max_batch must be a positive int. Received: 0"),
@@ -323,3 +326,112 @@ def test_evaluator_names_a_mil_op_it_cannot_evaluate(legacy_exports, monkeypatch
     with pytest.raises(ValidationError, match=r"cannot evaluate MIL op type 'softmax' \(op .*\). "
                                               r"Supported MIL op types: \[.*'add'"):
         MILEvaluator(package)
+
+
+# -- joint compression (iOS18/macOS15): sparse + palettized, sparse + int8 ------------------------------
+
+
+@pytest.fixture(scope="module")
+def compressed(out, pruned_compact):
+    """The 90 %-pruned model as one multifunction package per compressed dtype (and float32 sparse, the baseline)."""
+    return {dtype: coreml.export(pruned_compact, out / f"pruned_{dtype}.mlpackage", dtype=dtype, target="macOS15")
+            for dtype in ("float32", *coreml.COMPRESSED_DTYPES)}
+
+
+@pytest.mark.parametrize("dtype, joint_op", [
+    ("palettized2", "constexpr_lut_to_sparse"), ("palettized4", "constexpr_lut_to_sparse"),
+    ("palettized6", "constexpr_lut_to_sparse"), ("palettized8", "constexpr_lut_to_sparse"),
+    ("int8_weights", "constexpr_sparse_blockwise_shift_scale"),
+])
+def test_compressed_exports_keep_the_sparse_encoding_and_compress_its_values(compressed, pruned_compact, dtype,
+                                                                             joint_op):
+    path = compressed[dtype]
+    assert read_layout(path).dtype == dtype
+    for _, _, function in _programs(path):
+        ops = [op for op in function.operations if op.op_type.startswith("constexpr_")]
+        joint = [op for op in ops if op.op_type == joint_op]
+        assert len(joint) == 3, [op.op_type for op in ops]  # the task's three kernels (biases: zero, dense)
+        # each feeds a constexpr_sparse_to_dense: the weight stays sparse, its nonzero values compressed
+        consumers = {child.op_type for op in joint for var in op.outputs for child in var.child_ops}
+        assert consumers == {"constexpr_sparse_to_dense"}
+        if joint_op == "constexpr_lut_to_sparse":
+            bits = int(dtype.removeprefix("palettized"))
+            assert {op.inputs["lut"].val.shape[-2] for op in joint} == {2**bits}  # a palette of 2**N values
+        else:
+            assert {op.inputs["nonzero_data"].val.dtype for op in joint} == {np.dtype(np.int8)}
+    coreml.validate(pruned_compact, path).raise_for_errors()
+
+
+def test_compressed_exports_are_smaller_with_fewer_bits(compressed):
+    sizes = {dtype: _size(path) for dtype, path in compressed.items()}
+    print(f"\nCore ML joint compression sizes (bytes): {sizes}")
+    assert sizes["palettized2"] < sizes["palettized4"] < sizes["palettized6"] < sizes["palettized8"] < sizes["float32"]
+    assert sizes["int8_weights"] < sizes["float32"]
+
+
+def _reference_value(var) -> np.ndarray:
+    """A const var's value, or coremltools' decompression of the constexpr output ``var``."""
+    if var.op.op_type == "const":
+        return np.asarray(var.val)
+    values = var.op.materialized_val_inference()
+    return np.asarray(values[var.op.outputs.index(var)] if isinstance(values, tuple) else values)
+
+
+def test_numpy_decompression_of_every_constexpr_op_matches_coremltools(compressed):
+    # The evaluator decompresses from the MIL spec in numpy; coremltools' own decompression is the reference.
+    checked = set()
+    for path in compressed.values():
+        for _, _, function in _programs(path):
+            for op in function.operations:
+                if not op.op_type.startswith("constexpr_"):
+                    continue
+                ours = mil_eval.DECOMPRESSORS.lookup(op.op_type)(**{key: _reference_value(var)
+                                                                      for key, var in op.inputs.items()})
+                theirs = op.materialized_val_inference()
+                for mine, reference in zip(ours if isinstance(ours, tuple) else (ours,),
+                                           theirs if isinstance(theirs, tuple) else (theirs,)):
+                    np.testing.assert_array_equal(np.asarray(mine), np.asarray(reference), err_msg=op.name)
+                checked.add(op.op_type)
+    assert checked == {"constexpr_sparse_to_dense", "constexpr_lut_to_sparse", "constexpr_sparse_blockwise_shift_scale"}
+
+
+def _linear_outputs_compact(seed: int = 3) -> CompactModel:
+    """x(64) -> dense 128 relu -> dense 16 (logits: errors are not squashed by a softmax), kernels 80 % zeros."""
+    rng = np.random.default_rng(seed)
+
+    def kernel(inputs, outputs):
+        values = rng.normal(0, 1, (inputs, outputs)).astype("float32")
+        values[rng.random(values.shape) < 0.8] = 0.0
+        return values
+
+    x = TensorSpec("x", (None, 64))
+    nodes = [Node("hidden", "dense", ("x",), {"kernel": "k1"}, {"activation": "relu"}, (None, 128)),
+             Node("logits", "dense", ("hidden",), {"kernel": "k2"}, {}, (None, 16))]
+    return CompactModel([x], nodes, [Task("logits", (x,), (TensorSpec("y", (None, 16)),), ("logits",))],
+                        {"k1": kernel(64, 128), "k2": kernel(128, 16)})
+
+
+def test_a_misdecoded_palette_fails_verification(out, monkeypatch):
+    # The 4-bit tolerance is loose, not blind: values read from the neighbouring palette entry fail it.
+    cm = _linear_outputs_compact()
+    path = coreml.export(cm, out / "logits_palettized4.mlpackage", dtype="palettized4", target="macOS15")
+    assert coreml.validate(cm, path).ok
+    decode = mil_eval.DECOMPRESSORS.lookup("constexpr_lut_to_sparse")
+    broken = Registry(mil_eval.DECOMPRESSORS.what, owner=mil_eval.DECOMPRESSORS.owner,
+                      verb=mil_eval.DECOMPRESSORS.verb, error=mil_eval.DECOMPRESSORS.error)
+    broken.register("constexpr_lut_to_sparse")(
+        lambda indices_mask, indices_nonzero_data, lut, vector_axis=None:
+        decode(indices_mask, (indices_nonzero_data.astype(np.int64) + 1) % lut.shape[-2], lut))
+    for op_type in mil_eval.DECOMPRESSORS:
+        if op_type != "constexpr_lut_to_sparse":
+            broken.register(op_type)(mil_eval.DECOMPRESSORS.lookup(op_type))
+    monkeypatch.setattr(mil_eval, "DECOMPRESSORS", broken)
+    report = coreml.validate(cm, path)
+    assert not report.ok and report.atol_scaled and report.atol == 0.25
+
+
+def test_compression_needs_the_ios18_target(pruned_compact, out):
+    with pytest.raises(ConversionError, match=r"dtype 'int8_weights' \(joint sparse compression\) needs a "
+                                              r"macOS15/iOS18 target"):
+        coreml.export(pruned_compact, out / "old_target", dtype="int8_weights", target="iOS16")
+    assert not (out / "old_target").exists()

@@ -6,12 +6,23 @@ import subprocess
 import sys
 
 import matplotlib.image
+import pytest
 
 from mann_edge import samples
 from mann_edge.cli import main
 
 
-def test_demo_takes_the_sample_through_every_format_and_predicts_each_task(tmp_path, capsys):
+def test_demo_takes_the_sample_through_every_format_and_predicts_each_task(tmp_path, capsys, monkeypatch):
+    from mann_edge import benchmark
+
+    measured = []
+    measure_exports = benchmark.measure_exports
+
+    def spy(*args, **kwargs):  # the demo's latencies are the benchmark's measurement, not its own
+        measured.append(measure_exports(*args, **kwargs))
+        return measured[-1]
+
+    monkeypatch.setattr(benchmark, "measure_exports", spy)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -23,6 +34,12 @@ def test_demo_takes_the_sample_through_every_format_and_predicts_each_task(tmp_p
         (task, backend) for task in tasks for backend in ("bundle", "litert", "onnxruntime")}
     for row in prediction_rows:  # the shipped models classify these held-out examples correctly
         assert row[2] == row[3], row
+    (result,) = measured
+    latency = benchmark.latencies(result)  # artifact -> task -> seconds
+    assert len(prediction_rows) == len(latency) * len(tasks)  # one row per task and measured export
+    for row in prediction_rows:
+        printed_ms = float(row[4])
+        assert any(printed_ms == pytest.approx(by_task[row[0]] * 1e3, abs=5e-4) for by_task in latency.values()), row
     for task in tasks:
         assert any(line.split()[:2] == [task, "coreml"] for line in printed.splitlines())
     summary = printed.split("\n\n")[0]  # per task: accuracy dense vs pruned, sparsity reached, why pruning stopped

@@ -346,7 +346,8 @@ def test_float16_values_stay_float16_in_the_numba_kernel(monkeypatch):
     monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
     rng = np.random.default_rng(8)
     _, fast = _pair("dense", {}, _sparse(rng, (40, 30), 0.2, "float16"), None)
-    assert fast.product.data.dtype == np.uint16  # the half bits, widened in the kernel
+    assert fast.product.sell.values.dtype == np.float16  # stored as half ...
+    assert fast.product.sell.kernel_values.dtype == np.uint16  # ... handed over as their bits, widened in the kernel
 
 
 def test_an_unknown_kernel_choice_is_refused(monkeypatch):

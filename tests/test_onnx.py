@@ -380,13 +380,16 @@ def test_a_lowering_that_fails_is_named_with_its_task_and_node(out):
     node = Node("conv", "conv2d", ("x",), {"kernel": "kernel"}, {"strides": [1, 1], "padding": "same"}, (None, 8, None, 2))
     cm = CompactModel([x], [node], [Task("t", (x,), (TensorSpec("y", (None, 8, None, 2)),), ("conv",))],
                       {"kernel": np.ones((3, 3, 1, 2), "float32")})
-    with pytest.raises(ConversionError, match=r"task 't': node 'conv' \(op conv2d\).*static sizes"):
+    with pytest.raises(ConversionError, match=r"task 't': node 'conv' \(.*op conv2d\).*static sizes"):
         onnx_export.export(cm, out / "dynamic_conv")
     assert not (out / "dynamic_conv").exists()
 
 
 def test_bad_dtype_is_refused(multiconv_compact, out):
-    with pytest.raises(ConversionError, match="'float32' or 'float16'. Received: 'int8'"):
+    with pytest.raises(ConversionError, match="'float32', 'float16' or 'int8'. Received: 'int4'"):
+        onnx_export.export(multiconv_compact, out / "int4", dtype="int4")
+    assert not (out / "int4").exists()
+    with pytest.raises(ConversionError, match=r"dtype 'int8' \(QDQ.*needs calibration data"):
         onnx_export.export(multiconv_compact, out / "int8", dtype="int8")
     assert not (out / "int8").exists()
 
@@ -395,8 +398,10 @@ def test_check_options_refuses_what_export_would_and_writes_nothing(multiconv_co
     before = sorted(out.iterdir())
     onnx_export.check_options(dtype="float16", sparse=False)
     for options, message in (
-        ({"dtype": "int8"}, r"ONNX export takes dtype 'float32' or 'float16'. Received: 'int8'"),
-        ({"sprase": False}, r"ONNX export takes options \['sparse'\]. Received unknown options: \['sprase'\]"),
+        ({"dtype": "int4"}, r"ONNX export takes dtype 'float32', 'float16' or 'int8'. Received: 'int4'"),
+        ({"dtype": "float16", "calibration": {}}, r"calibration data for dtype 'int8' only"),
+        ({"sprase": False}, r"ONNX export takes options \['sparse', 'calibration', 'batch'\]. "
+                            r"Received unknown options: \['sprase'\]"),
         ({"force": True}, r"Received unknown options: \['force'\]"),
         ({"sparse": "no"}, r"`sparse` must be True or False. Received: sparse='no'"),
     ):
@@ -417,3 +422,41 @@ def test_bitmask_encoding_round_trips():
     rebuilt = np.zeros(array.size, "float32")
     rebuilt[present] = values
     np.testing.assert_array_equal(rebuilt.reshape(array.shape), array)
+
+
+# -- int8: QDQ static quantization ---------------------------------------------------------------------
+
+
+def _calibration(cm, examples: int = 64, seed: int = 11) -> dict:
+    rng = np.random.default_rng(seed)
+    return {spec.name: rng.normal(0, 1, (examples, *spec.shape[1:])).astype("float32") for spec in cm.inputs}
+
+
+def test_int8_export_is_qdq_with_bitmask_encoded_int8_weights_and_matches_on_calibration_data(out, pruned_compact):
+    import onnx
+    from onnx import numpy_helper
+
+    calibration = _calibration(pruned_compact)
+    path = onnx_export.export(pruned_compact, out / "pruned_int8", dtype="int8", calibration=calibration)
+    dense = onnx_export.export(pruned_compact, out / "pruned_int8_dense", dtype="int8", calibration=calibration,
+                               sparse=False)
+    for task, file in onnx_export.task_files(path).items():
+        proto = onnx.load(str(file))
+        ops = [node.op_type for node in proto.graph.node]
+        assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= 6  # activations and weights
+        values = [i for i in proto.graph.initializer if i.name.endswith(":bitmask:values")]
+        assert len(values) == 3 and {numpy_helper.to_array(v).dtype for v in values} == {np.dtype(np.int8)}
+        assert {p.key: p.value for p in proto.metadata_props}[METADATA_TASK] == task
+    sizes = {label: sum(f.stat().st_size for f in Path(p).glob("*.onnx")) for label, p in
+             (("sparse", path), ("dense", dense))}
+    assert sizes["sparse"] < 0.5 * sizes["dense"], sizes  # 90 % zeros: bitmask + int8 values
+    report = onnx_export.validate(pruned_compact, path, inputs={task.name: {s.name: calibration[s.name] for s in
+                                                                            task.inputs}
+                                                                for task in pruned_compact.tasks})
+    report.raise_for_errors()
+    assert report.atol_scaled and 0 < report.max_abs_error
+    # the dense and the bitmask forms are the same int8 model
+    for task in pruned_compact.tasks:
+        feed = {s.name: calibration[s.name][:8] for s in task.inputs}
+        np.testing.assert_array_equal(mann_edge.runtime.load(path).run(task.name, feed)[0],
+                                      mann_edge.runtime.load(dense).run(task.name, feed)[0])

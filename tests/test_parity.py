@@ -36,12 +36,14 @@ class Source:
 
 
 def _legacy(name: str) -> Source:
+    """A file the original packages saved, against the outputs they recorded: ``x<i>`` feeds model input ``i``."""
     cm = mann_edge.compact(mann_edge.load_legacy(zoo.LEGACY / f"{name}.h5"), task_names=["task0", "task1"])
     recorded = zoo.legacy_reference(name)
+    inputs = [spec.name for spec in cm.inputs]
 
     def reference(task: str, batch: int):
-        index = cm.task_names.index(task)
-        return {cm.task(task).inputs[0].name: recorded[f"x{index}"][:batch]}, [recorded[f"out{index}"][:batch]]
+        feeds = {spec.name: recorded[f"x{inputs.index(spec.name)}"][:batch] for spec in cm.task(task).inputs}
+        return feeds, [recorded[f"out{cm.task_names.index(task)}"][:batch]]
 
     return Source(cm, reference)
 
@@ -90,11 +92,16 @@ def _sample(name: str) -> Source:
 
 
 SOURCES: dict[str, Callable[[], Source]] = {
-    **{f"legacy/{name}": (lambda name=name: _legacy(name)) for name in zoo.LEGACY_NAMES},
+    **{f"legacy/{name}": (lambda name=name: _legacy(name))
+       for name in zoo.LEGACY_NAMES + zoo.CATALOGUE_NAMES if name != "beyondml_float16"},
     "zoo/mixed": lambda: _keras(zoo.build_mixed()),
     "zoo/multiconv": lambda: _keras(zoo.build_multiconv()),
     "zoo/activations": lambda: _keras(zoo.build_activations()),
     "zoo/padding": lambda: _keras(zoo.build_padding()),
+    "zoo/volumes": lambda: _keras(zoo.build_volumes()),
+    "zoo/sequences": lambda: _keras(zoo.build_sequences()),
+    "zoo/images": lambda: _keras(zoo.build_images()),
+    "zoo/attention": lambda: _keras(zoo.build_attention()),
     "zoo/parametrized_activations": lambda: _numpy_reference(zoo.parametrized_activations()),
     **{f"sample/{name}": (lambda name=name: _sample(name)) for name in samples.SAMPLES},
 }
@@ -161,6 +168,39 @@ def test_every_compact_op_and_activation_has_a_lowering_in_every_format(format):
     assert set(ACTIVATIONS) <= set(module.ACTIVATION_LOWERINGS), sorted(set(ACTIVATIONS) - set(module.ACTIVATION_LOWERINGS))
 
 
+def _layer_classes(model) -> set[type]:
+    """The layer classes of ``model`` and of the models nested in it."""
+    import keras
+
+    classes = set()
+    for layer in model.layers:
+        classes.add(type(layer))
+        if isinstance(layer, keras.Model):
+            classes |= _layer_classes(layer)
+    return classes
+
+
+def test_every_keras_layer_that_compacts_is_in_the_parity_matrix():
+    """Coverage is checked, not hoped for: a Keras layer given a lowering needs a zoo model among `SOURCES`.
+
+    MANN layers are covered by the legacy fixtures and the catalogue tests, which read them from files.
+    """
+    from mann_edge.compaction import LOWERINGS
+
+    builders = [zoo.build_mixed, zoo.build_multiconv, zoo.build_activations, zoo.build_padding, zoo.build_volumes,
+                zoo.build_sequences, zoo.build_images, zoo.build_attention]
+    assert {f"zoo/{b.__name__.removeprefix('build_')}" for b in builders} <= set(SOURCES)
+    used = set().union(*(_layer_classes(build()) for build in builders))
+    missing = {cls.__name__ for cls in LOWERINGS if cls.__module__.startswith("keras.") and cls not in used}
+    assert not missing, f"Keras layers with a lowering but no zoo model in the parity matrix: {sorted(missing)}"
+
+
+def test_every_compact_op_is_in_the_parity_matrix(sources):
+    zoo_sources = [name for name in SOURCES if name.startswith(("zoo/", "legacy/"))]
+    used = {node.op for name in zoo_sources for node in sources(name).compact.nodes}
+    assert set(OPS) <= used, f"ops no parity source uses: {sorted(set(OPS) - used)}"
+
+
 @pytest.mark.parametrize("format", [name for name, f in FORMATS.items() if f.runs_here()])
 def test_every_runtime_refuses_bad_inputs_alike(format, sources, tmp_path):
     """One input rule for every backend: ids outside the table (before any cast), NaN, empty batches."""
@@ -177,3 +217,44 @@ def test_every_runtime_refuses_bad_inputs_alike(format, sources, tmp_path):
         session.run("vision", image)
     with pytest.raises(InputError, match=r"Task 'vision': input 'image' holds an empty batch"):
         session.run("vision", image[:0])
+
+
+@pytest.mark.parametrize("format", list(FORMATS))
+def test_a_layer_a_format_cannot_express_is_named_with_the_format_at_convert_time(format, tmp_path):
+    """Core ML holds tensors of rank 5 at most: a rank-6 Reshape is refused by Core ML alone, naming the layer."""
+    import keras
+
+    from mann_edge.errors import ConversionError
+
+    x = keras.Input((32,), name="x")
+    y = keras.layers.Dense(2, name="y")(keras.layers.Reshape((32,))(keras.layers.Reshape((2, 2, 2, 2, 2), name="deep")(x)))
+    model = keras.Model(x, y)
+    cm = mann_edge.compact(model)
+    module = FORMATS[format].converter_module()
+    if format != "coreml":
+        path = module.export(cm, tmp_path / module.artifact_name())
+        inputs = zoo.sample_batch(model, 2)[0]
+        np.testing.assert_allclose(_runner(format, path)(cm.task_names[0], {"x": inputs})[0],
+                                   zoo.keras_outputs(model, inputs)[0], atol=1e-5)
+        return
+    with pytest.raises(ConversionError, match=r"Core ML export cannot express layer 'deep' \(node 'deep', op reshape\)"):
+        module.export(cm, tmp_path / module.artifact_name())
+
+
+def test_tflite_keeps_a_sparse_conv3d_kernel_sparse_one_conv2d_per_depth_tap(tmp_path):
+    """TFLite's converter encodes CONV_2D kernels sparse, never CONV_3D ones: a sparse conv3d is lowered per depth tap."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((4, 6, 6, 8), name="volume")
+    layer = keras.layers.Conv3D(16, 3, padding="same", name="conv3d")
+    model = keras.Model(x, keras.layers.Flatten()(layer(x)))
+    kernel = keras.ops.convert_to_numpy(layer.kernel)
+    layer.kernel.assign(np.where(np.random.default_rng(0).random(kernel.shape) < 0.9, 0.0, kernel))
+    cm = mann_edge.compact(model)
+    module = FORMATS["tflite"].converter_module()
+    path = module.export(cm, tmp_path / module.artifact_name())
+    assert zoo.tflite_sparse_blocks(path) == [("FLOAT32", 1)] * 3  # one (3, 3, 8, 16) kernel per depth tap
+    inputs = zoo.sample_batch(model, 2)[0]
+    np.testing.assert_allclose(_runner("tflite", path)(cm.task_names[0], {"volume": inputs})[0],
+                               zoo.keras_outputs(model, inputs)[0], atol=1e-5)

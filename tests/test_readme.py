@@ -42,3 +42,12 @@ def test_the_legacy_commands_run_as_written(tmp_path):
         assert command[0] == "mann-edge"
         result = subprocess.run([str(executable), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
+
+
+def test_the_layer_table_is_the_one_the_tables_make():
+    from mann_edge import coverage
+
+    body = README.split(coverage.README_START, 1)[1].split(coverage.README_END, 1)[0]
+    assert body.strip() == coverage.layer_table().strip(), \
+        "the README's layer table is stale: run `python -m mann_edge.coverage --write README.md`"
+

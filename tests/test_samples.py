@@ -215,3 +215,24 @@ def test_training_script_builds_the_shipped_architecture(loaded, name):
     assert [(type(layer).__name__, layer.name) for layer in built.layers] == \
         [(type(layer).__name__, layer.name) for layer in shipped.layers]
     assert [w.shape for w in built.weights] == [w.shape for w in shipped.weights]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_sample_ships_its_calibration_and_test_sets_as_the_splits_give_them(name):
+    for path, arrays in ((samples.calibration_path(name), samples.calibration_arrays(name)),
+                         (samples.evaluation_path(name), samples.evaluation_arrays(name))):
+        assert path.is_file(), f"{path} is missing; write it with mann_edge.samples.write_sample_sets({name!r})"
+        with np.load(path, allow_pickle=False) as shipped:
+            assert sorted(shipped.files) == sorted(arrays)
+            for key, array in arrays.items():
+                np.testing.assert_array_equal(shipped[key], array, err_msg=f"{path.name}: {key}")
+    calibration = samples.calibration_arrays(name)
+    assert all(len(array) == samples.CALIBRATION_EXAMPLES for array in calibration.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_sets_are_keyed_by_the_models_input_and_output_names(loaded, name):
+    model = mann_edge.compact(loaded[name][0])
+    for task in model.tasks:
+        assert samples.TASK_IO[task.name] == (task.inputs[0].name, task.outputs[0].name)
+        assert len(task.inputs) == 1

@@ -6,12 +6,10 @@ Every file is run by `ai_edge_litert` through `mann_edge.runtime.load`, the way 
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 import time
 import warnings
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +19,27 @@ import mann_edge
 import zoo
 from mann_edge.bundle import manifest_of
 from mann_edge.converters import tflite
-from mann_edge.errors import ConversionError, MannEdgeError, OutputExistsError, ValidationError
+from mann_edge.errors import ConversionError, InputError, MannEdgeError, OutputExistsError, ValidationError
 from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
 from mann_edge.converters import validation
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST, METADATA_USE_XNNPACK
 from mann_edge.runtime.litert import LiteRTSession, read_metadata
 
-# LiteRT 2.3 on x86: XNNPACK runs int8 1x16 block-sparse weights wrong (DESIGN.md); exports must detect it here.
-XNNPACK_INT8_BLOCK_BUG = platform.machine().lower() in ("x86_64", "amd64") and version("ai-edge-litert").startswith("2.3")
+
+
+def _calibration(cm: CompactModel, examples: int = 64, seed: int = 11) -> dict[str, np.ndarray]:
+    """Standard normal calibration inputs for every input of ``cm`` (the range `sample_inputs` draws from)."""
+    rng = np.random.default_rng(seed)
+    return {spec.name: rng.normal(0, 1, (examples, *spec.shape[1:])).astype("float32") for spec in cm.inputs}
+
+
+def _default_interpreter(path):
+    """``path`` opened the way a new user opens it: ai_edge_litert's Interpreter with its default settings."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()  # raised "TfLiteXNNPackDelegate failed to prepare" on int8 behind DENSIFY
+    return interpreter
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +61,7 @@ def zoo_exports(mixed_compact, multiconv_compact, out):
 
 @pytest.fixture(scope="module")
 def pruned(out, pruned_compact):
-    """The 90 %-pruned model exported sparse and dense, float32, float16 and int8, with conversion times."""
+    """The 90 %-pruned model exported sparse and dense, float32, float16, int8 and int8_dynamic, with conversion times."""
     cm = pruned_compact
     exports, seconds = {}, {}
     for label, options in {
@@ -58,12 +69,13 @@ def pruned(out, pruned_compact):
         "dense32": {"sparse": False, "dtype": "float32"},
         "sparse16": {"sparse": True, "dtype": "float16"},
         "dense16": {"sparse": False, "dtype": "float16"},
-        "sparse8": {"sparse": True, "dtype": "int8"},
-        "dense8": {"sparse": False, "dtype": "int8"},
+        "sparse8": {"sparse": True, "dtype": "int8", "calibration": _calibration(cm)},
+        "dense8": {"sparse": False, "dtype": "int8", "calibration": _calibration(cm)},
+        "sparse8d": {"sparse": True, "dtype": "int8_dynamic"},
     }.items():
         start = time.perf_counter()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", tflite.XnnpackFallbackWarning)  # asserted in the int8 tests
+            warnings.simplefilter("ignore", tflite.DenseWeightsWarning)  # asserted in the int8 tests
             exports[label] = tflite.export(cm, out / f"pruned_{label}.tflite", **options)
         seconds[label] = round(time.perf_counter() - start, 2)
     return cm, exports, seconds
@@ -150,63 +162,112 @@ def _export_recording_warnings(cm, path, **options):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tflite.export(cm, path, **options)
-    return [w for w in caught if issubclass(w.category, tflite.XnnpackFallbackWarning)]
+    return [w for w in caught if issubclass(w.category, tflite.DenseWeightsWarning)]
 
 
-def test_int8_block16_export_runs_the_sparse_kernel_and_records_the_kernels_it_was_verified_on(out):
+def test_int8_block16_export_runs_the_sparse_kernel_in_the_default_interpreter(out):
     cm = _block_sparse_compact(16)
     path = out / "blocks_int8.tflite"
-    fallbacks = _export_recording_warnings(cm, path, dtype="int8")
-    assert tflite.operators(path) == ["FULLY_CONNECTED", "FULLY_CONNECTED"]  # no DENSIFY: the sparse int8 kernel
+    assert _export_recording_warnings(cm, path, dtype="int8", calibration=_calibration(cm)) == []
+    # full integer: quantized at the float boundary, the sparse int8 kernel reads each weight (no DENSIFY)
+    assert tflite.operators(path) == ["QUANTIZE", "FULLY_CONNECTED", "FULLY_CONNECTED", "DEQUANTIZE"]
     assert zoo.tflite_sparse_blocks(path) == [("INT8", 16), ("INT8", 16)]
+    assert [(row["stored"], row["runs"]) for row in tflite.kernel_report(path)] == [("block 1x16", "sparse")] * 2
     metadata = read_metadata(path)
-    assert metadata[METADATA_DTYPE] == b"int8"
-    recorded = metadata[METADATA_USE_XNNPACK]
-    # The recorded decision is what verification finds: XNNPACK off exactly when it runs the file wrong.
-    try:
-        xnnpack_ok = tflite.validate(cm, path, use_xnnpack=True).ok
-    except MannEdgeError:  # XNNPACK cannot even prepare it
-        xnnpack_ok = False
-    assert recorded == (b"true" if xnnpack_ok else b"false")
-    assert len(fallbacks) == (0 if xnnpack_ok else 1)
-    if XNNPACK_INT8_BLOCK_BUG:
-        assert not xnnpack_ok and recorded == b"false"
-        assert f"{METADATA_USE_XNNPACK}=false" in str(fallbacks[0].message) and "blocks_int8.tflite" in str(fallbacks[0].message)
-    session = mann_edge.runtime.load(path)
-    assert session.use_xnnpack == xnnpack_ok  # the runtime honours the file by default
-    assert LiteRTSession(path, use_xnnpack=True).use_xnnpack  # an explicit choice wins
-    report = tflite.validate(cm, path, use_xnnpack=False).raise_for_errors()
-    assert report.atol_scaled and report.atol == validation.INT8_ATOL
-    batch = np.random.default_rng(6).normal(size=(32, 64)).astype("float32")
-    (got,) = session.run("blocks", batch)
+    assert metadata[METADATA_DTYPE] == b"int8" and METADATA_USE_XNNPACK not in metadata
+    batch = _calibration(cm, 32, seed=6)["x"]
     (want,) = cm.run("blocks", {"x": batch})
-    assert np.abs(got - want).max() <= validation.INT8_ATOL * np.abs(want).max()
-    assert np.abs(got - want).max() > 0  # the weights really are 8-bit
-
-
-def test_int8_dense_export_keeps_xnnpack_where_it_runs_right(out):
-    cm = _block_sparse_compact(16, seed=7)
-    path = out / "blocks_int8_dense.tflite"
-    assert _export_recording_warnings(cm, path, dtype="int8", sparse=False) == []
-    assert read_metadata(path)[METADATA_USE_XNNPACK] == b"true"
-    assert not zoo.tflite_sparse_blocks(path)
-    assert {kind for kind, _ in zoo.tflite_constants(path)} >= {"INT8"}
+    (got,) = _default_interpreter(path).get_signature_runner("blocks")(x=batch).values()
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= validation.FULL_INT8_ATOL * np.abs(want).max()
+    assert np.abs(got - want).max() > 0  # the weights and activations really are 8-bit
     session = mann_edge.runtime.load(path)
-    assert session.use_xnnpack
-    tflite.validate(cm, path).raise_for_errors()
+    assert session.use_xnnpack  # nothing to switch off
+    np.testing.assert_array_equal(session.run("blocks", batch)[0], got)
+    report = tflite.validate(cm, path, inputs={"blocks": {"x": batch}}).raise_for_errors()
+    assert report.atol_scaled and report.atol == validation.FULL_INT8_ATOL
 
 
-def test_int8_export_that_no_kernel_runs_within_tolerance_is_refused(out, monkeypatch):
+def test_int8_unstructured_weights_are_stored_dense_so_xnnpack_runs_them_and_the_export_says_so(out, pruned_compact):
+    # Behind DENSIFY, int8 weights made the default interpreter fail ("failed to delegate
+    # FULLY_CONNECTED ... TfLiteXNNPackDelegate failed to prepare"): the issue's reproduction.
+    path = out / "pruned_unstructured_int8.tflite"
+    warned = _export_recording_warnings(pruned_compact, path, dtype="int8", calibration=_calibration(pruned_compact))
+    assert len(warned) == 1
+    assert "6 of 6 int8 weights are stored and run dense" in str(warned[0].message)
+    assert "block_size=16" in str(warned[0].message) and str(path) in str(warned[0].message)
+    assert "DENSIFY" not in tflite.operators(path) and not zoo.tflite_sparse_blocks(path)
+    assert {row["runs"] for row in tflite.kernel_report(path)} == {"dense"}
+    interpreter = _default_interpreter(path)
+    batch = _calibration(pruned_compact, 8, seed=3)
+    for task in pruned_compact.tasks:
+        inputs = {spec.name: batch[spec.name] for spec in task.inputs}
+        got = interpreter.get_signature_runner(task.name)(**inputs)[task.outputs[0].name]
+        (want,) = pruned_compact.run(task.name, inputs)
+        assert np.abs(got - want).max() <= validation.FULL_INT8_ATOL * np.abs(want).max(), task.name
+
+
+def test_int8_dynamic_is_written_dense_and_runs_in_the_default_interpreter(out, pruned_compact):
+    path = out / "pruned_int8_dynamic.tflite"
+    warned = _export_recording_warnings(pruned_compact, path, dtype="int8_dynamic")
+    assert len(warned) == 1 and "int8_dynamic' stores every weight dense" in str(warned[0].message)
+    assert read_metadata(path)[METADATA_DTYPE] == b"int8_dynamic"
+    assert "QUANTIZE" not in tflite.operators(path)  # float activations: the hybrid kernels
+    assert {kind for kind, _ in zoo.tflite_constants(path)} >= {"INT8"}
+    _default_interpreter(path)
+    report = tflite.validate(pruned_compact, path).raise_for_errors()
+    assert report.atol == validation.INT8_ATOL
+
+
+def test_int8_io_gives_int8_tensors_and_the_session_keeps_the_float_interface(out):
+    cm = _block_sparse_compact(16, seed=7)
+    path = out / "blocks_int8_io.tflite"
+    calibration = _calibration(cm)
+    tflite.export(cm, path, dtype="int8", calibration=calibration, int8_io=True)
+    runner = _default_interpreter(path).get_signature_runner("blocks")
+    (detail,) = runner.get_input_details().values()
+    (output,) = runner.get_output_details().values()
+    assert detail["dtype"] == np.int8 and output["dtype"] == np.int8
+    scale, zero_point = detail["quantization"]
+    x = calibration["x"][:4]
+    raw = runner(x=np.clip(np.round(x / scale) + zero_point, -128, 127).astype(np.int8))["y"]
+    assert raw.dtype == np.int8
+    (got,) = mann_edge.runtime.load(path).run("blocks", x)
+    assert got.dtype == np.float32
+    out_scale, out_zero = output["quantization"]
+    np.testing.assert_allclose(got, (raw.astype(np.float32) - out_zero) * out_scale, rtol=1e-6)
+    (want,) = cm.run("blocks", {"x": x})
+    assert np.abs(got - want).max() <= validation.FULL_INT8_ATOL * np.abs(want).max()
+
+
+def test_int8_export_that_the_default_interpreter_does_not_run_within_tolerance_is_refused(out, monkeypatch):
     # A tolerance no 8-bit export can meet stands in for a quantization too coarse for the model.
-    monkeypatch.setattr(validation, "INT8_ATOL", 1e-9)
+    monkeypatch.setattr(validation, "FULL_INT8_ATOL", 1e-9)
     target = out / "too_coarse_int8.tflite"
-    with pytest.raises(ConversionError, match=r"int8 export .*too_coarse_int8\.tflite does not match.*task 'blocks'.*"
-                                              r"builtin kernels task 'blocks' output 'y'.*float16 or float32"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", tflite.XnnpackFallbackWarning)
-            tflite.export(_block_sparse_compact(16), target, dtype="int8")
+    cm = _block_sparse_compact(16)
+    with pytest.raises(ConversionError, match=r"int8 export .*too_coarse_int8\.tflite does not run right in LiteRT's "
+                                              r"default interpreter \(XNNPACK on\): task 'blocks' output 'y'.*float16"):
+        tflite.export(cm, target, dtype="int8", calibration=_calibration(cm))
     assert not target.exists()
     assert not list(out.glob(".too_coarse_int8.tflite.*"))
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"dtype": "int8"}, ConversionError, r"dtype 'int8' \(full-integer.*needs calibration data.*'int8_dynamic'"),
+    ({"dtype": "float16", "calibration": {"x": np.zeros((2, 64), "float32")}}, ConversionError,
+     r"calibration data for dtype 'int8' only. Received: dtype='float16'"),
+    ({"dtype": "int8_dynamic", "int8_io": True}, ConversionError, r"`int8_io`.*needs dtype 'int8'"),
+    ({"dtype": "int8", "calibration": {"y": np.zeros((2, 64), "float32")}}, InputError,
+     r"calibration data has no array for input 'x' of task 'blocks'.*\['y'\]"),
+    ({"dtype": "int8", "calibration": {"x": np.zeros((2, 63), "float32")}}, InputError,
+     r"calibration data input 'x' of task 'blocks' must have shape \['N', 64\].*Received: \[2, 63\]"),
+    ({"dtype": "int8", "calibration": "missing.npz"}, InputError, r"calibration data missing.npz does not exist"),
+])
+def test_bad_int8_options_and_calibration_are_refused_naming_what_is_wrong(out, options, error, message):
+    target = out / "refused_int8.tflite"
+    with pytest.raises(error, match=message):
+        tflite.export(_block_sparse_compact(16), target, **options)
+    assert not target.exists()
 
 
 def test_int8_tolerance_is_relative_to_each_outputs_scale():
@@ -216,11 +277,13 @@ def test_int8_tolerance_is_relative_to_each_outputs_scale():
             (want,) = cm.run(task, inputs)
             return [want + share * np.abs(want).max()]
 
-        atol, rtol = validation.tolerances("int8")
+        atol, rtol = validation.tolerances("int8_dynamic")
         report = validation.compare(cm, run, format="tflite", artifact="shifted", atol=atol, rtol=rtol,
-                                    scaled_atol=validation.scaled_atol("int8"))
+                                    scaled_atol=validation.scaled_atol("int8_dynamic"))
         assert report.ok == ok, share
     assert (atol, rtol) == (0.05, 0.0)
+    # full integer also rounds the activations: twice the share, still scaled
+    assert validation.tolerances("int8") == (0.1, 0.0) and validation.scaled_atol("int8")
     with pytest.raises(ValidationError, match=r"atol 0.05 x output scale"):
         report.raise_for_errors()
 
@@ -262,22 +325,21 @@ def test_sparse_export_is_at_most_a_fifth_of_dense(pruned):
     print(f"\nTFLite sizes (bytes): {sizes}; ratio to dense float32: {ratios}; conversion seconds: {seconds}")
     assert ratios["sparse32"] <= 0.20
     assert ratios["sparse16"] <= 0.12
-    assert ratios["sparse8"] <= 0.10
-    assert ratios["dense8"] <= 0.27
+    # int8 with unstructured masks is stored dense: what LiteRT's default interpreter runs
+    assert ratios["sparse8"] <= 0.27 and ratios["dense8"] <= 0.27 and ratios["sparse8d"] <= 0.27
     for label, path in exports.items():
         tflite.validate(cm, path).raise_for_errors()
 
 
 def test_sparse_weights_are_encoded_sparse_and_densified_for_fully_connected(pruned):
     _, exports, _ = pruned
-    for label in ("sparse32", "sparse16", "sparse8"):
+    for label in ("sparse32", "sparse16"):
         ops = tflite.operators(exports[label])
         assert ops.count("FULLY_CONNECTED") == 2 * 3
         assert ops.count("DENSIFY") == 2 * 3  # random (not 1x4-block) sparsity runs dense
         assert len(zoo.tflite_sparse_blocks(exports[label])) == 2 * 3
     assert {kind for kind, _ in zoo.tflite_sparse_blocks(exports["sparse16"])} == {"FLOAT16"}
-    assert {kind for kind, _ in zoo.tflite_sparse_blocks(exports["sparse8"])} == {"INT8"}
-    for label in ("dense32", "dense16", "dense8"):
+    for label in ("dense32", "dense16", "dense8", "sparse8", "sparse8d"):
         assert "FULLY_CONNECTED" in tflite.operators(exports[label])
         assert "DENSIFY" not in tflite.operators(exports[label])
         assert not zoo.tflite_sparse_blocks(exports[label])
@@ -380,17 +442,19 @@ def test_a_lowering_that_needs_tf_select_is_named(out, monkeypatch):
 
 
 def test_bad_dtype_is_refused(multiconv_compact, out):
-    with pytest.raises(ConversionError, match=r"takes dtype 'float32', 'float16' or 'int8'. Received: 'int4'"):
+    with pytest.raises(ConversionError, match=r"takes dtype 'float32', 'float16', 'int8' or 'int8_dynamic'. Received: 'int4'"):
         tflite.export(multiconv_compact, out / "int4.tflite", dtype="int4")
     assert not (out / "int4.tflite").exists()
 
 
 def test_check_options_refuses_what_export_would_and_writes_nothing(out):
     before = sorted(out.iterdir())
-    tflite.check_options(dtype="int8", sparse=False)
+    tflite.check_options(dtype="int8", sparse=False, calibration={"x": np.zeros((1, 4))}, int8_io=True)
     for options, message in (
-        ({"dtype": "int4"}, r"TFLite export takes dtype 'float32', 'float16' or 'int8'. Received: 'int4'"),
-        ({"target": "macOS13"}, r"TFLite export takes options \['sparse'\]. Received unknown options: \['target'\]"),
+        ({"dtype": "int4"}, r"TFLite export takes dtype 'float32', 'float16', 'int8' or 'int8_dynamic'. Received: 'int4'"),
+        ({"target": "macOS13"}, r"TFLite export takes options \['sparse', 'calibration', 'int8_io'\]. "
+                                r"Received unknown options: \['target'\]"),
+        ({"dtype": "int8", "int8_io": "yes", "calibration": {}}, r"`int8_io` must be True or False"),
         ({"sparse": 1}, r"`sparse` must be True or False. Received: sparse=1"),
     ):
         with pytest.raises(ConversionError, match=message):

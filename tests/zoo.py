@@ -5,6 +5,10 @@
   pooling, a task reading both inputs through a `SumLayer`, `FilterLayer` on and
   off, Concatenate, Reshape, Dropout, RSN2 masks at 80 %.
 - `activations`: one task per Keras activation, each a masked dense layer on one input.
+- `volumes`, `sequences`, `images`, `attention`: the Keras layers MANN users mix in (3-D and
+  1-D convolutions and pools, padding, cropping, upsampling, depthwise and separable
+  convolutions, elementwise merges, Attention and MultiHeadAttention, nested models), two
+  tasks each, about half of every kernel zero so that sparse storage is exercised.
 - the legacy fixtures (`tests/fixtures/legacy/*.h5`) cover multitask conv and pooling.
 
 Weights are random (glorot) rather than trained: parity needs values of a realistic
@@ -35,8 +39,12 @@ from mann_edge.rsn2 import mask_model
 FIXTURES = Path(__file__).parent / "fixtures"
 LEGACY = FIXTURES / "legacy"
 LEGACY_NAMES = ("mann_mlp", "beyondml_mlp", "mann_conv", "beyondml_conv")
+# beyondml 0.1.7's catalogue beyond those: one x per model input (in input order) and one out per task, no labels.
+CATALOGUE_NAMES = ("beyondml_conv3d", "beyondml_mtnorm", "beyondml_transformer", "beyondml_float16")
 VOCAB = 40
 TOKENS = 12
+# Float inputs that hold token ids (an Embedding fed floats, as beyondml's embedding blocks are).
+FLOAT_IDS = {"ids"}
 
 
 def _randomize_batch_norm(model, rng):
@@ -190,13 +198,13 @@ def parametrized_activations() -> CompactModel:
 
 
 def sample_batch(model: keras.Model, batch: int, seed: int = 0) -> list[np.ndarray]:
-    """Random inputs for every model input: normal floats, token ids in [0, VOCAB)."""
+    """Random inputs for every model input: normal floats, token ids in [0, VOCAB) (as floats for `FLOAT_IDS`)."""
     rng = np.random.default_rng(seed)
     arrays = []
     for kt in model.inputs:
         shape = (batch, *kt.shape[1:])
-        if "int" in str(kt.dtype):
-            arrays.append(rng.integers(0, VOCAB, shape).astype("int32"))
+        if "int" in str(kt.dtype) or kt.name in FLOAT_IDS:
+            arrays.append(rng.integers(0, VOCAB, shape).astype(kt.dtype))
         else:
             arrays.append(rng.normal(0, 1, shape).astype("float32"))
     return arrays
@@ -263,3 +271,134 @@ def tflite_constants(path) -> list[tuple[str, int | None]]:
 def tflite_sparse_blocks(path) -> list[tuple[str, int]]:
     """(type name, inputs per block) of every constant a TFLite file stores sparse; 1 for unblocked."""
     return [(kind, block) for kind, block in tflite_constants(path) if block is not None]
+
+
+def _half_zero_kernels(model, rng, keep: tuple[str, ...] = ()) -> None:
+    """Zeroes about half of every kernel (and depthwise/pointwise kernel) at random, so sparse storage is exercised;
+    the layers named in ``keep`` stay dense."""
+    for layer in model.layers:
+        if layer.name in keep:
+            continue
+        for weight in layer.weights:
+            if weight.path.endswith("kernel") and len(weight.shape) >= 2:
+                value = keras.ops.convert_to_numpy(weight)
+                weight.assign(np.where(rng.random(value.shape) < 0.5, 0.0, value).astype(value.dtype))
+
+
+def build_volumes(seed: int = 0) -> keras.Model:
+    """Two tasks over a volume: Conv3D ('same', strided, dilated), 3-D max/avg pools with uneven 'same' padding,
+    GlobalAveragePooling3D, a BatchNormalization folded into a Conv3D, ZeroPadding3D, Cropping3D and the elementwise merges (Subtract, Multiply, Average,
+    Maximum, Minimum)."""
+    keras.utils.set_random_seed(seed)
+    volume = keras.Input((5, 6, 6, 2), name="volume")
+    h = keras.layers.Conv3D(4, (2, 3, 3), padding="same", activation="relu", name="conv3d")(volume)
+    a = keras.layers.MaxPooling3D(2, padding="same", name="max3d")(h)  # 3x3x3, pads (0, 1)
+    b = keras.layers.AveragePooling3D((3, 2, 2), strides=2, padding="same", name="avg3d")(h)  # 3x3x3
+    c = keras.layers.Conv3D(4, 3, strides=(2, 2, 2), padding="same", name="strided3d")(h)  # 3x3x3
+    d = keras.layers.Conv3D(4, 2, dilation_rate=2, padding="valid", name="dilated3d")(h)  # 3x4x4
+    d = keras.layers.BatchNormalization(name="bn3d")(d)  # folded into the conv3d
+    d = keras.layers.MaxPooling3D((1, 2, 2), strides=(1, 1, 1), padding="valid", name="valid3d")(d)  # 3x3x3
+    diff = keras.layers.Subtract(name="subtract")([a, b])
+    prod = keras.layers.Multiply(name="multiply")([a, c, d])
+    mean = keras.layers.Average(name="average")([diff, prod, d])
+    high = keras.layers.Maximum(name="maximum")([mean, c])
+    low = keras.layers.Minimum(name="minimum")([mean, d, b])
+    first = keras.layers.Dense(3, name="first")(keras.layers.Flatten()(high))
+    low = keras.layers.ZeroPadding3D(((0, 1), (1, 0), (2, 1)), name="zero_padding3d")(low)  # 4x4x6
+    low = keras.layers.Cropping3D(((1, 0), (0, 2), (1, 1)), name="cropping3d")(low)  # 3x2x4
+    pooled = [keras.layers.GlobalAveragePooling3D(name="gap3d")(low), keras.layers.GlobalMaxPooling3D(name="gmp3d")(low)]
+    second = keras.layers.Dense(2, name="second")(keras.layers.Concatenate()(pooled))
+    model = keras.Model(volume, [first, second], name="volumes")
+    _half_zero_kernels(model, np.random.default_rng(seed), keep=("strided3d",))  # a dense kernel: TFLite's CONV_3D
+    _randomize_batch_norm(model, np.random.default_rng(seed))
+    return model
+
+
+def build_sequences(seed: int = 0) -> keras.Model:
+    """Two tasks over a sequence: Conv1D (strided, dilated and causal), 1-D max/avg pools, GlobalMaxPooling1D, ZeroPadding1D,
+    Cropping1D, UpSampling1D."""
+    keras.utils.set_random_seed(seed)
+    sequence = keras.Input((11, 3), name="sequence")
+    h = keras.layers.Conv1D(6, 3, padding="same", activation="relu", name="conv1d")(sequence)
+    h = keras.layers.MaxPooling1D(2, padding="same", name="max1d")(keras.layers.SpatialDropout1D(0.2)(h))  # 6
+    s = keras.layers.Conv1D(4, 2, strides=2, padding="valid", name="strided1d")(h)  # 3
+    d = keras.layers.Conv1D(4, 2, dilation_rate=2, padding="causal", activation="tanh", name="dilated1d")(h)  # 6, causal
+    d = keras.layers.AveragePooling1D(3, strides=2, padding="same", name="avg1d")(d)  # 3
+    first = keras.layers.Dense(3, name="first")(keras.layers.Flatten()(keras.layers.Add()([s, d])))
+    u = keras.layers.UpSampling1D(2, name="upsampling1d")(keras.layers.ZeroPadding1D((2, 1), name="zero_padding1d")(d))
+    u = keras.layers.Cropping1D((1, 3), name="cropping1d")(u)  # 8
+    second = keras.layers.Dense(2, name="second")(keras.layers.GlobalMaxPooling1D(name="gmp1d")(u))
+    model = keras.Model(sequence, [first, second], name="sequences")
+    _half_zero_kernels(model, np.random.default_rng(seed))
+    return model
+
+
+def build_images(seed: int = 0) -> keras.Model:
+    """Two image tasks: Rescaling, adapted Normalization, ZeroPadding2D, DepthwiseConv2D (multiplier 2),
+    SeparableConv2D, Cropping2D, UpSampling2D (nearest and bilinear), Permute, global pools, the activation
+    layers and the layers that are identities at inference."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    image = keras.Input((7, 7, 3), name="picture")
+    normalization = keras.layers.Normalization(name="normalization")
+    normalization.adapt(rng.normal(-0.2, 0.3, (16, 7, 7, 3)).astype("float32"))  # outputs of a few units
+    h = keras.layers.Rescaling(0.5, offset=-0.25, name="rescaling")(image)
+    h = normalization(h)
+    h = keras.layers.ZeroPadding2D(((1, 0), (2, 1)), name="zero_padding")(h)  # 8x10
+    wide = keras.initializers.RandomNormal(stddev=0.5)  # outputs of a few units: errors show above the tolerance
+    h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="relu", depthwise_initializer=wide,
+                                     bias_initializer="random_normal", name="depthwise")(h)
+    h = keras.layers.SeparableConv2D(5, 3, strides=2, padding="same", depthwise_initializer=wide,
+                                     pointwise_initializer=wide, name="separable")(h)  # 4x5x5
+    h = keras.layers.DepthwiseConv2D(2, dilation_rate=2, padding="valid", depthwise_initializer=wide,
+                                     name="dilated_depthwise")(h)  # 2x3x5
+    h = keras.layers.LeakyReLU(0.1, name="leaky")(keras.layers.SpatialDropout2D(0.2)(h))
+    first = keras.layers.Cropping2D(((0, 1), (1, 0)), name="cropping")(h)  # 1x2x5
+    first = keras.layers.UpSampling2D((3, 2), name="upsampling")(first)  # 3x4x5
+    first = keras.layers.Permute((2, 1, 3), name="permute")(first)  # 4x3x5
+    first = keras.layers.Dense(3, kernel_initializer=wide, name="first")(keras.layers.Flatten()(first))
+    smooth = keras.layers.UpSampling2D((2, 3), interpolation="bilinear", name="bilinear")(h)  # 4x9x5
+    smooth = keras.layers.ELU(0.5, name="elu")(keras.layers.GaussianNoise(0.1)(keras.layers.GaussianDropout(0.1)(smooth)))
+    pooled = keras.layers.Concatenate()([keras.layers.GlobalMaxPooling2D(name="gmp2d")(smooth),
+                                         keras.layers.GlobalAveragePooling2D(name="gap2d")(smooth)])
+    pooled = keras.layers.ReLU(max_value=2.0, negative_slope=0.1, name="relu")(keras.layers.AlphaDropout(0.1)(pooled))
+    pooled = keras.layers.ActivityRegularization(l1=0.01)(keras.layers.Identity()(pooled))
+    second = keras.layers.Dense(2, kernel_initializer=wide, name="logits")(pooled)
+    second = keras.layers.Softmax(name="second")(second)
+    model = keras.Model(image, [first, second], name="images")
+    _half_zero_kernels(model, rng)
+    return model
+
+
+def _encoder_block(dim: int, name: str) -> keras.Model:
+    """A nested functional block as beyondml's transformer builds one: self-attention, Add, LayerNormalization, Dense."""
+    x = keras.Input((TOKENS, dim))
+    attended = keras.layers.MultiHeadAttention(2, 4, name="self_attention")(x, x, use_causal_mask=True)
+    h = keras.layers.LayerNormalization(name="norm")(keras.layers.Add()([x, attended]))
+    h = keras.layers.Dense(dim, activation="relu", name="feed_forward")(keras.layers.Dropout(0.1)(h))
+    return keras.Model(x, h, name=name)
+
+
+def build_attention(seed: int = 0) -> keras.Model:
+    """Two tasks over token ids given as floats: Embedding, a nested encoder block (MultiHeadAttention, causal),
+    a nested Sequential, Keras Attention (scaled and causal; concat scores), cross MultiHeadAttention with a key,
+    RepeatVector, Permute, Concatenate, Reshape."""
+    keras.utils.set_random_seed(seed)
+    dim = 8
+    tokens = keras.Input((TOKENS,), name="ids")  # float ids, as beyondml's embedding blocks take them
+    h = keras.layers.Embedding(VOCAB, dim, name="embedding")(tokens)
+    h = _encoder_block(dim, "encoder")(h)
+    head = keras.Sequential([keras.Input((TOKENS, dim)), keras.layers.Dense(dim, activation="tanh", name="inner_dense")],
+                            name="head")
+    h = head(h)
+    dotted = keras.layers.Attention(use_scale=True, name="attention")([h, h], use_causal_mask=True)
+    concat = keras.layers.Attention(score_mode="concat", name="concat_attention")([h, dotted, h])
+    summary = keras.layers.Dense(dim, name="summary")(keras.layers.GlobalAveragePooling1D()(concat))
+    repeated = keras.layers.RepeatVector(3, name="repeat")(summary)  # 3 x dim
+    cross = keras.layers.MultiHeadAttention(2, 3, value_dim=2, name="cross")(repeated, h, key=dotted)  # 3 x dim
+    joined = keras.layers.Concatenate(axis=-1, name="join")([cross, repeated])  # 3 x 2dim
+    first = keras.layers.Dense(3, name="first")(keras.layers.Flatten()(keras.layers.Permute((2, 1))(joined)))
+    second = keras.layers.Dense(2, name="second")(keras.layers.Reshape((-1,))(concat))
+    model = keras.Model(tokens, [first, second], name="attention")
+    _half_zero_kernels(model, np.random.default_rng(seed))
+    return model

@@ -192,31 +192,35 @@ def _activated(shape: Shape, activation: Mapping) -> Shape:
     return shape[:axis] + (None if size is None else size // 2,) + shape[axis + 1:]
 
 
-def _window_output(attrs: Mapping, x: Shape, kernel: tuple[int, int], dilation=(1, 1)) -> tuple:
-    """(Ho, Wo) of a window sliding over NHWC ``x``, None where H or W is not known; ValueError for an empty output."""
+def _window_output(attrs: Mapping, x: Shape, kernel: Sequence[int], dilation=None) -> tuple:
+    """The spatial output sizes of a window of ``len(kernel)`` axes sliding over channels-last ``x``.
+
+    None where an input size is not known; ValueError for an empty output.
+    """
+    dilation = (1,) * len(kernel) if dilation is None else dilation
     sizes = []
-    for axis, size in ((1, x[1]), (2, x[2])):
+    for axis, size in enumerate(x[1:1 + len(kernel)]):
         if size is None:
             sizes.append(None)
             continue
-        (out,) = output_sizes(attrs["padding"], (size,), (kernel[axis - 1],), (attrs["strides"][axis - 1],),
-                              (dilation[axis - 1],))
+        (out,) = output_sizes(attrs["padding"], (size,), (kernel[axis],), (attrs["strides"][axis],), (dilation[axis],))
         if out < 1:
-            raise ValueError(f"a window of {kernel} taps (dilation {tuple(dilation)}) does not fit an input of "
+            raise ValueError(f"a window of {tuple(kernel)} taps (dilation {tuple(dilation)}) does not fit an input of "
                              f"shape {_text(x)} with padding {attrs['padding']!r}")
         sizes.append(out)
     return tuple(sizes)
 
 
-def _window_temporaries(attrs: Mapping, x: Shape, out: Shape, kernel, dilation=(1, 1)) -> dict[str, int]:
+def _window_temporaries(attrs: Mapping, x: Shape, out: Shape, kernel, dilation=None) -> dict[str, int]:
     """What sliding a window allocates: the padded input, the gathered windows and (the runtime's) their index."""
-    n, h, w, c = x
-    if None in (n, h, w, c) or None in out:
+    if None in x or None in out:
         return {}
-    (top, bottom), (left, right) = window_pads(attrs["padding"], (h, w), kernel, attrs["strides"], dilation)
-    cells = out[1] * out[2] * int(kernel[0]) * int(kernel[1]) * c
+    rank = len(kernel)
+    n, spatial, c = x[0], x[1:1 + rank], x[-1]
+    pads = window_pads(attrs["padding"], spatial, kernel, attrs["strides"], dilation)
+    cells = math.prod(out[1:1 + rank]) * math.prod(int(k) for k in kernel) * c
     return {
-        "padded input": 4 * n * (h + top + bottom) * (w + left + right) * c,
+        "padded input": 4 * n * math.prod(size + before + after for size, (before, after) in zip(spatial, pads)) * c,
         "windows": 4 * n * cells,
         "window index": 8 * cells,
     }
@@ -224,6 +228,7 @@ def _window_temporaries(attrs: Mapping, x: Shape, out: Shape, kernel, dilation=(
 
 _ACTIVATION = {"activation": schema.activation()}
 _WINDOW = {"strides": schema.ints(2), "padding": schema.one_of(PADDINGS)}
+_WINDOW_3D = {"strides": schema.ints(3), "padding": schema.one_of(PADDINGS)}
 
 
 @register
@@ -297,6 +302,85 @@ class Conv2D(Op):
         return _activate(y, self.attrs)
 
 
+@register
+class Conv3D(Op):
+    """NDHWC convolution with kernel (kd, kh, kw, cin, cout), TensorFlow 'same'/'valid' padding."""
+
+    type = "conv3d"
+    weights = ("kernel",)
+    optional_weights = ("bias",)
+    attributes = {**_WINDOW_3D, "dilation": schema.ints(3, default=(1, 1, 1)), **_ACTIVATION}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _rank(x, (5,))
+        kd, kh, kw, cin, cout = _kernel_shape(weights, 5)
+        if not _same(x[4], cin):
+            raise ValueError(f"kernel {[kd, kh, kw, cin, cout]} takes {cin} input channels, the input has shape {_text(x)}")
+        if min(kd, kh, kw, cin, cout) < 1:
+            raise ValueError(f"kernel shape {[kd, kh, kw, cin, cout]} has an empty axis")
+        _bias(weights, cout)
+        spatial = _window_output(attrs, x, (kd, kh, kw), attrs["dilation"])
+        return _activated((x[0], *spatial, cout), attrs["activation"])
+
+    @classmethod
+    def temporaries(cls, attrs, inputs, output, weights):
+        return _window_temporaries(attrs, inputs[0], output, weights["kernel"].shape[:3], attrs["dilation"])
+
+    def _run(self, x):
+        *taps, cin, cout = self.kernel.shape
+        if x.shape[-1] != cin:
+            raise ValueError(f"expected {cin} input channels, got {x.shape[-1]}")
+        windows, _ = conv_windows(x.astype(np.float32, copy=False), taps, self.attrs["strides"], self.attrs["padding"],
+                                  self.attrs["dilation"])
+        out = windows.shape[:4]
+        y = windows.reshape(math.prod(out), -1) @ self.kernel.reshape(-1, cout)
+        y = y.reshape(*out, cout)
+        if self.bias is not None:
+            y = y + self.bias
+        return _activate(y, self.attrs)
+
+
+@register
+class DepthwiseConv2D(Op):
+    """NHWC depthwise convolution, kernel (kh, kw, cin, multiplier): output channel ``c * multiplier + m`` reads channel c."""
+
+    type = "depthwise_conv2d"
+    weights = ("kernel",)
+    optional_weights = ("bias",)
+    attributes = Conv2D.attributes
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _rank(x, (4,))
+        kh, kw, cin, multiplier = _kernel_shape(weights, 4)
+        if not _same(x[3], cin):
+            raise ValueError(f"kernel {[kh, kw, cin, multiplier]} takes {cin} input channels, the input has shape {_text(x)}")
+        if min(kh, kw, cin, multiplier) < 1:
+            raise ValueError(f"kernel shape {[kh, kw, cin, multiplier]} has an empty axis")
+        _bias(weights, cin * multiplier)
+        ho, wo = _window_output(attrs, x, (kh, kw), attrs["dilation"])
+        return _activated((x[0], ho, wo, cin * multiplier), attrs["activation"])
+
+    @classmethod
+    def temporaries(cls, attrs, inputs, output, weights):
+        return _window_temporaries(attrs, inputs[0], output, weights["kernel"].shape[:2], attrs["dilation"])
+
+    def _run(self, x):
+        kh, kw, cin, multiplier = self.kernel.shape
+        if x.shape[-1] != cin:
+            raise ValueError(f"expected {cin} input channels, got {x.shape[-1]}")
+        windows, _ = conv_windows(x.astype(np.float32, copy=False), (kh, kw), self.attrs["strides"],
+                                  self.attrs["padding"], self.attrs["dilation"])
+        y = np.einsum("nhwijc,ijcm->nhwcm", windows, self.kernel)  # each channel with its own taps
+        y = y.reshape(*y.shape[:3], cin * multiplier)
+        if self.bias is not None:
+            y = y + self.bias
+        return _activate(y, self.attrs)
+
+
 class _Pool(Op):
     """What the two pools share: their attributes and shapes."""
 
@@ -338,6 +422,47 @@ class AvgPool2D(_Pool):
         return (windows.sum(axis=(3, 4)) / counts.sum(axis=(3, 4))).astype(x.dtype)
 
 
+class _Pool3D(Op):
+    """What the two 3-D pools share: their attributes and shapes (NDHWC)."""
+
+    attributes = {"pool_size": schema.ints(3), **_WINDOW_3D}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _rank(x, (5,))
+        return (x[0], *_window_output(attrs, x, attrs["pool_size"]), x[4])
+
+    @classmethod
+    def temporaries(cls, attrs, inputs, output, weights):
+        return _window_temporaries(attrs, inputs[0], output, attrs["pool_size"])
+
+
+@register
+class MaxPool3D(_Pool3D):
+    """NDHWC max pooling."""
+
+    type = "max_pool3d"
+
+    def _run(self, x):
+        windows, _ = conv_windows(x, self.attrs["pool_size"], self.attrs["strides"], self.attrs["padding"],
+                                  pad_value=-np.inf)
+        return windows.max(axis=(4, 5, 6)).astype(x.dtype)
+
+
+@register
+class AvgPool3D(_Pool3D):
+    """NDHWC average pooling; with 'same' padding the padded cells are not counted (as in TensorFlow)."""
+
+    type = "avg_pool3d"
+
+    def _run(self, x):
+        args = (self.attrs["pool_size"], self.attrs["strides"], self.attrs["padding"])
+        windows, _ = conv_windows(x, *args)
+        counts, _ = conv_windows(np.ones((1, *x.shape[1:4], 1), x.dtype), *args)
+        return (windows.sum(axis=(4, 5, 6)) / counts.sum(axis=(4, 5, 6))).astype(x.dtype)
+
+
 def _axes(axes: list) -> bool:
     return 0 < len(axes) == len(set(axes)) and all(0 < a < 8 for a in axes)
 
@@ -349,13 +474,12 @@ def _axes_within(axes: list[int], shape: tuple) -> list[int]:
     return axes
 
 
-@register
-class GlobalAvgPool(Op):
-    """Mean over ``axes`` (e.g. [1] for sequences, [1, 2] for images), optionally keeping them."""
+class _GlobalPool(Op):
+    """A reduction over ``axes`` (e.g. [1] for sequences, [1, 2] for images), optionally keeping them."""
 
-    type = "global_avg_pool"
     attributes = {"axes": schema.int_list("distinct axes in [1, 7] (not the batch)", _axes),
                   "keepdims": schema.boolean(default=False)}
+    reduce = staticmethod(np.mean)
 
     @classmethod
     def infer(cls, attrs, inputs, weights):
@@ -366,7 +490,23 @@ class GlobalAvgPool(Op):
         return tuple(d for i, d in enumerate(x) if i not in axes)
 
     def _run(self, x):
-        return np.mean(x, axis=tuple(self.attrs["axes"]), keepdims=self.attrs["keepdims"])
+        return self.reduce(x, axis=tuple(self.attrs["axes"]), keepdims=self.attrs["keepdims"])
+
+
+@register
+class GlobalAvgPool(_GlobalPool):
+    """Mean over ``axes``."""
+
+    type = "global_avg_pool"
+    reduce = staticmethod(np.mean)
+
+
+@register
+class GlobalMaxPool(_GlobalPool):
+    """Maximum over ``axes``."""
+
+    type = "global_max_pool"
+    reduce = staticmethod(np.max)
 
 
 def _product(dims) -> "int | None":
@@ -417,6 +557,106 @@ class Reshape(Op):
 
     def _run(self, x):
         return x.reshape(x.shape[0], *self.attrs["shape"])
+
+
+def _permutation(perm: list) -> bool:
+    return sorted(perm) == list(range(len(perm))) and len(perm) >= 2 and perm[0] == 0
+
+
+@register
+class Transpose(Op):
+    """Axes reordered by ``perm`` (counted with the batch, which stays first: ``perm[0] == 0``)."""
+
+    type = "transpose"
+    attributes = {"perm": schema.int_list("a permutation of 0..rank-1 that keeps the batch (0) first", _permutation)}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        perm = attrs["perm"]
+        if len(perm) != len(x):
+            raise ValueError(f"perm {perm} does not fit an input of shape {_text(x)}")
+        return tuple(x[p] for p in perm)
+
+    def _run(self, x):
+        return np.transpose(x, self.attrs["perm"])
+
+
+def _per_axis(minimum: int) -> schema.Attr:
+    """One int of at least ``minimum`` per axis after the batch (its length is checked against the input in `infer`)."""
+    return schema.int_list(f"one int >= {minimum} per axis after the batch", lambda v: 0 < len(v) and min(v) >= minimum)
+
+
+def _pairs() -> schema.Attr:
+    """(before, after) ints >= 0 per axis after the batch, flattened: [before_1, after_1, before_2, ...]."""
+    return schema.int_list("(before, after) ints >= 0 per axis after the batch, flattened",
+                           lambda v: 0 < len(v) and len(v) % 2 == 0 and min(v) >= 0)
+
+
+def _fits_axes(values: list, x: Shape, per_axis: int, what: str) -> None:
+    if len(values) != per_axis * (len(x) - 1):
+        raise ValueError(f"{what} {values} must hold {per_axis} value(s) per axis after the batch of an input of shape "
+                         f"{_text(x)}")
+
+
+@register
+class Tile(Op):
+    """Each axis after the batch repeated ``reps`` times (whole copies, as numpy's tile)."""
+
+    type = "tile"
+    attributes = {"reps": _per_axis(1)}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        _fits_axes(attrs["reps"], x, 1, "reps")
+        return (x[0], *(None if d is None else d * r for d, r in zip(x[1:], attrs["reps"])))
+
+    def _run(self, x):
+        return np.tile(x, (1, *self.attrs["reps"]))
+
+
+@register
+class Pad(Op):
+    """Zeros added before and after each axis after the batch: ``pads`` = [before_1, after_1, before_2, ...]."""
+
+    type = "pad"
+    attributes = {"pads": _pairs()}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        pads = attrs["pads"]
+        _fits_axes(pads, x, 2, "pads")
+        return (x[0], *(None if d is None else d + pads[2 * i] + pads[2 * i + 1] for i, d in enumerate(x[1:])))
+
+    def _run(self, x):
+        pads = self.attrs["pads"]
+        return np.pad(x, [(0, 0), *zip(pads[0::2], pads[1::2])])
+
+
+@register
+class Crop(Op):
+    """Cells removed before and after each axis after the batch: ``crops`` = [before_1, after_1, before_2, ...]."""
+
+    type = "crop"
+    attributes = {"crops": _pairs()}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        (x,) = inputs
+        crops = attrs["crops"]
+        _fits_axes(crops, x, 2, "crops")
+        sizes = []
+        for i, d in enumerate(x[1:]):
+            if d is not None and d - crops[2 * i] - crops[2 * i + 1] < 1:
+                raise ValueError(f"crops {crops} leave nothing of axis {i + 1} of an input of shape {_text(x)}")
+            sizes.append(None if d is None else d - crops[2 * i] - crops[2 * i + 1])
+        return (x[0], *sizes)
+
+    def _run(self, x):
+        crops = self.attrs["crops"]
+        return x[(slice(None), *(slice(b, d - a) for b, a, d in zip(crops[0::2], crops[1::2], x.shape[1:])))]
 
 
 @register
@@ -472,6 +712,94 @@ class Add(Op):
         for x in xs[1:]:
             total = total + x
         return total
+
+
+def _broadcast(shapes: Sequence[Shape]) -> Shape:
+    """The numpy broadcast of ``shapes`` (None: any size); ValueError naming them when they do not broadcast."""
+    rank = max(len(s) for s in shapes)
+    result = []
+    for axis in range(rank):
+        sizes = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0} - {1}
+        known = sizes - {None}
+        if len(known) > 1:
+            raise ValueError(f"inputs of shapes {', '.join(_text(s) for s in shapes)} do not broadcast")
+        result.append(known.pop() if known else (None if None in sizes else 1))
+    return tuple(result)
+
+
+class _Elementwise(Op):
+    """An elementwise combination of its inputs with numpy broadcasting: ``combine`` folds them left to right."""
+
+    arity = None
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        return _broadcast(inputs)
+
+    @staticmethod
+    def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _run(self, *xs):
+        result = xs[0]
+        for x in xs[1:]:
+            result = self.combine(result, x)
+        return result
+
+
+@register
+class Subtract(_Elementwise):
+    """``a - b``."""
+
+    type = "subtract"
+    arity = 2
+    combine = staticmethod(np.subtract)
+
+
+@register
+class Divide(_Elementwise):
+    """``a / b`` (a zero divisor gives inf or nan, as in every format)."""
+
+    type = "divide"
+    arity = 2
+    combine = staticmethod(np.divide)
+
+
+@register
+class Multiply(_Elementwise):
+    """The product of one or more inputs."""
+
+    type = "multiply"
+    combine = staticmethod(np.multiply)
+
+
+@register
+class Maximum(_Elementwise):
+    """The elementwise maximum of one or more inputs."""
+
+    type = "maximum"
+    combine = staticmethod(np.maximum)
+
+
+@register
+class Minimum(_Elementwise):
+    """The elementwise minimum of one or more inputs."""
+
+    type = "minimum"
+    combine = staticmethod(np.minimum)
+
+
+@register
+class Average(_Elementwise):
+    """The mean of one or more inputs: their sum (left to right) divided by their count, as Keras computes it."""
+
+    type = "average"
+
+    def _run(self, *xs):
+        total = xs[0]
+        for x in xs[1:]:
+            total = total + x
+        return total / np.float32(len(xs))
 
 
 @register
@@ -549,6 +877,64 @@ class LayerNorm(Op):
         if self.beta is not None:
             y = y + self.beta.reshape(broadcast)
         return y.astype(np.float32)
+
+
+# The score a masked position gets, as Keras's Attention and MultiHeadAttention subtract it (float32).
+MASKED_SCORE = 1e9
+
+
+def causal_bias(tq: int, tv: int) -> np.ndarray:
+    """(tq, tv) additive mask: 0 where query i may see value j (j <= i), -1e9 elsewhere, as Keras's causal masks."""
+    return np.where(np.tril(np.ones((tq, tv), bool)), 0.0, -MASKED_SCORE).astype(np.float32)
+
+
+@register
+class Attention(Op):
+    """Dot-product attention over the last two axes of (query, value, key), leading axes batched.
+
+    ``scores = scale * query @ key^T`` (score_mode 'dot') or ``concat_weight * sum(tanh(scale *
+    (query_i + key_j)))`` ('concat'), a causal mask subtracting 1e9 where ``j > i``, softmax over
+    the values, then ``softmax @ value``: Keras's `Attention` and the core of `MultiHeadAttention`.
+    """
+
+    type = "attention"
+    arity = 3
+    attributes = {"scale": schema.number(default=1.0), "causal": schema.boolean(default=False),
+                  "score_mode": schema.one_of(("dot", "concat"), default="dot"),
+                  "concat_weight": schema.number(default=1.0)}
+
+    @classmethod
+    def infer(cls, attrs, inputs, weights):
+        query, value, key = inputs
+        for shape, what in ((query, "query"), (value, "value"), (key, "key")):
+            _rank(shape, range(3, 9), what)
+        if not (len(query) == len(value) == len(key)):
+            raise ValueError(f"query {_text(query)}, value {_text(value)} and key {_text(key)} must have one rank")
+        if not (_same(query[-1], key[-1]) and _same(value[-2], key[-2])):
+            raise ValueError(f"query {_text(query)} and key {_text(key)} must share their last axis, value "
+                             f"{_text(value)} and key their next to last")
+        _merge([query[:-2], value[:-2], key[:-2]])
+        return (*query[:-1], value[-1])
+
+    @classmethod
+    def temporaries(cls, attrs, inputs, output, weights):
+        query, value, key = inputs
+        if None in query or None in key:
+            return {}
+        scores = 4 * math.prod(query[:-1]) * key[-2]
+        return {"scores": scores * (query[-1] if attrs["score_mode"] == "concat" else 1)}
+
+    def _run(self, query, value, key):
+        scale = np.float32(self.attrs["scale"])
+        if self.attrs["score_mode"] == "dot":
+            scores = np.matmul(query, np.swapaxes(key, -1, -2)) * scale
+        else:
+            summed = np.tanh(scale * (query[..., :, None, :] + key[..., None, :, :])).sum(axis=-1)
+            scores = np.float32(self.attrs["concat_weight"]) * summed
+        if self.attrs["causal"]:
+            scores = scores + causal_bias(scores.shape[-2], scores.shape[-1])
+        weights = apply_activation(scores.astype(np.float32), normalize_activation({"name": "softmax", "axis": -1}))
+        return np.matmul(weights, value).astype(np.float32)
 
 
 @register

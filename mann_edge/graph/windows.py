@@ -135,17 +135,24 @@ def sliding_windows(
     return windows[(*steps, *(slice(None, None, int(d)) for d in dilation))]
 
 
-def conv_windows(x: np.ndarray, kernel, strides, padding: str, dilation=(1, 1), pad_value: float = 0.0):
-    """Sliding windows of an NHWC batch: ((N, Ho, Wo, kh, kw, C), the (before, after) pads of H and W).
+def conv_windows(x: np.ndarray, kernel, strides, padding: str, dilation=None, pad_value: float = 0.0):
+    """Sliding windows of a channels-last batch over its ``len(kernel)`` spatial axes, taps before channels.
+
+    For NHWC ``x`` and a (kh, kw) kernel: ((N, Ho, Wo, kh, kw, C), the (before, after) pads of H and W);
+    for NDHWC and (kd, kh, kw): (N, Do, Ho, Wo, kd, kh, kw, C).
 
     Example:
         >>> windows, pads = conv_windows(np.ones((1, 8, 8, 3)), (3, 3), (2, 2), "same")
         >>> windows.shape, pads
         ((1, 4, 4, 3, 3, 3), [(0, 1), (0, 1)])
     """
-    pads = window_pads(padding, x.shape[1:3], kernel, strides, dilation)
-    windows = sliding_windows(x, kernel, strides, pads, dilation=dilation, axes=(1, 2), pad_value=pad_value)
-    return windows.transpose(0, 1, 2, 4, 5, 3), pads
+    rank = len(kernel)
+    pads = window_pads(padding, x.shape[1:1 + rank], kernel, strides, dilation)
+    axes = tuple(range(1, rank + 1))
+    windows = sliding_windows(x, kernel, strides, pads, dilation=dilation, axes=axes, pad_value=pad_value)
+    # (N, *out, C, *taps) -> (N, *out, *taps, C)
+    order = (0, *axes, *range(rank + 2, 2 * rank + 2), rank + 1)
+    return windows.transpose(order), pads
 
 
 def _check_padding(padding: str) -> None:

@@ -12,24 +12,37 @@ Example:
     >>> h = MultiMaskedDense(32, activation="relu")([MaskedDense(32)(x0), MaskedDense(32)(x1)])
 """
 
-from mann_edge.layers.masked import MaskedConv2D, MaskedDense
+from mann_edge.layers.masked import MaskedConv1D, MaskedConv2D, MaskedConv3D, MaskedDense
 from mann_edge.layers.multi import (
+    MultiConv1D,
     MultiConv2D,
+    MultiConv3D,
     MultiDense,
+    MultiMaskedConv1D,
     MultiMaskedConv2D,
+    MultiMaskedConv3D,
     MultiMaskedDense,
     MultiMaxPool2D,
+    MultiMaxPool3D,
 )
-from mann_edge.layers.routing import FilterLayer, SelectorLayer, SumLayer
+from mann_edge.layers.routing import FilterLayer, MultitaskNormalization, SelectorLayer, SumLayer
 
 __all__ = [
     "MaskedDense",
+    "MaskedConv1D",
     "MaskedConv2D",
+    "MaskedConv3D",
     "MultiMaskedDense",
+    "MultiMaskedConv1D",
     "MultiMaskedConv2D",
+    "MultiMaskedConv3D",
     "MultiDense",
+    "MultiConv1D",
     "MultiConv2D",
+    "MultiConv3D",
     "MultiMaxPool2D",
+    "MultiMaxPool3D",
+    "MultitaskNormalization",
     "SelectorLayer",
     "FilterLayer",
     "SumLayer",

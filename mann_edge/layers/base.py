@@ -33,12 +33,15 @@ class LayerFacts:
         list_input: called on a list of tensors (one per task, or those it routes or sums).
         block_prunable: RSN2 can prune its kernel in blocks of consecutive inputs
             (``block_size``): dense kernels, the shape TFLite's sparse FullyConnected runs.
+        reads_all_branches: output ``i`` reads every input but belongs to input ``i``'s
+            branch: a task reads the other branches without owning (training or pruning) them.
     """
 
     masked = False
     multitask = False
     list_input = False
     block_prunable = False
+    reads_all_branches = False
 
 
 class MaskedLayerMixin(LayerFacts):
@@ -133,12 +136,12 @@ def validate_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def conv_tuple(name: str, value) -> tuple[int, int]:
-    """An int or a pair of ints as a pair of positive ints (kernel sizes, strides, pool sizes)."""
-    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"`{name}` must be an int or a pair of ints. Received: {name}={value!r}")
-    return tuple(validate_positive_int(name, v) for v in pair)
+def conv_tuple(name: str, value, rank: int = 2) -> tuple[int, ...]:
+    """An int or ``rank`` ints as ``rank`` positive ints (kernel sizes, strides, pool sizes)."""
+    values = (value,) * rank if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(values) != rank:
+        raise ValueError(f"`{name}` must be an int or a tuple of {rank} ints. Received: {name}={value!r}")
+    return tuple(validate_positive_int(name, v) for v in values)
 
 
 def validate_padding(padding) -> str:
@@ -163,8 +166,7 @@ def validate_branch_shapes(layer, input_shape) -> tuple:
 
 
 def conv_output_shape(input_shape, kernel_size, strides, padding, channels):
-    """Output shape of a channels-last 2-D convolution or pooling."""
-    batch, height, width = input_shape[0], input_shape[1], input_shape[2]
+    """Output shape of a channels-last convolution or pooling over ``len(kernel_size)`` spatial axes."""
 
     def length(size, k, s):
         if size is None:
@@ -173,9 +175,5 @@ def conv_output_shape(input_shape, kernel_size, strides, padding, channels):
             return -(-size // s)
         return (size - k) // s + 1
 
-    return (
-        batch,
-        length(height, kernel_size[0], strides[0]),
-        length(width, kernel_size[1], strides[1]),
-        channels,
-    )
+    spatial = input_shape[1:1 + len(kernel_size)]
+    return (input_shape[0], *(length(*axis) for axis in zip(spatial, kernel_size, strides)), channels)

@@ -1,4 +1,4 @@
-"""Single-task masked layers: `MaskedDense`, `MaskedConv2D`.
+"""Single-task masked layers: `MaskedDense`, `MaskedConv1D`, `MaskedConv2D`, `MaskedConv3D`.
 
 Same constructor arguments, config keys and weight names as the original
 `mann`/`beyondml` layers: ``weights``, ``bias`` (trainable) and
@@ -77,14 +77,13 @@ class MaskedDense(MaskedLayerMixin, keras.layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="mann_edge")
-class MaskedConv2D(MaskedLayerMixin, keras.layers.Layer):
-    """2-D convolution (channels last) whose kernel and bias are multiplied by binary masks.
+class MaskedConv(MaskedLayerMixin, keras.layers.Layer):
+    """Convolution (channels last) over ``rank`` spatial axes whose kernel and bias are multiplied by binary masks.
 
-    Example:
-        >>> layer = MaskedConv2D(8, kernel_size=3, padding="same", activation="relu")
-        >>> y = layer(np.ones((1, 28, 28, 1), "float32"))   # (1, 28, 28, 8)
+    The base of `MaskedConv1D`, `MaskedConv2D` and `MaskedConv3D`, which set ``rank``.
     """
+
+    rank: int
 
     def __init__(
         self,
@@ -101,9 +100,9 @@ class MaskedConv2D(MaskedLayerMixin, keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.filters = validate_positive_int("filters", filters)
-        self.kernel_size = conv_tuple("kernel_size", kernel_size)
+        self.kernel_size = conv_tuple("kernel_size", kernel_size, self.rank)
         self.padding = validate_padding(padding)
-        self.strides = conv_tuple("strides", strides)
+        self.strides = conv_tuple("strides", strides, self.rank)
         self.use_bias = bool(use_bias)
         self.activation = keras.activations.get(activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -139,3 +138,44 @@ class MaskedConv2D(MaskedLayerMixin, keras.layers.Layer):
         )
         return config
 
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MaskedConv1D(MaskedConv):
+    """1-D convolution over (steps, channels) with masked kernel and bias; not in the original packages.
+
+    Example:
+        >>> layer = MaskedConv1D(8, kernel_size=3, padding="same", activation="relu")
+        >>> y = layer(np.ones((1, 20, 16), "float32"))   # (1, 20, 8)
+    """
+
+    rank = 1
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MaskedConv2D(MaskedConv):
+    """2-D convolution (channels last) whose kernel and bias are multiplied by binary masks.
+
+    Example:
+        >>> layer = MaskedConv2D(8, kernel_size=3, padding="same", activation="relu")
+        >>> y = layer(np.ones((1, 28, 28, 1), "float32"))   # (1, 28, 28, 8)
+    """
+
+    rank = 2
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MaskedConv3D(MaskedConv):
+    """3-D convolution over (depth, height, width, channels) with masked kernel and bias.
+
+    Example:
+        >>> layer = MaskedConv3D(4, kernel_size=3, activation="relu")
+        >>> y = layer(np.ones((1, 4, 8, 8, 1), "float32"))   # (1, 4, 8, 8, 4)
+    """
+
+    rank = 3
+
+    # The original takes `activation` before `use_bias` here (not in MaskedConv2D): kept for positional calls.
+    def __init__(self, filters, kernel_size=3, padding="same", strides=1, activation=None, use_bias=True,
+                 kernel_initializer="random_normal", bias_initializer="zeros", mask_initializer="ones", **kwargs):
+        super().__init__(filters, kernel_size, padding, strides, use_bias, activation,
+                         kernel_initializer, bias_initializer, mask_initializer, **kwargs)

@@ -107,15 +107,13 @@ class MultiMaskedDense(MultiDense):
         return config
 
 
-@keras.saving.register_keras_serializable(package="mann_edge")
-class MultiConv2D(MaskedLayerMixin, keras.layers.Layer):
-    """Multitask 2-D convolution (channels last): branch ``i`` convolves ``inputs[i]`` with slab ``i``.
+class MultiConv(MaskedLayerMixin, keras.layers.Layer):
+    """Multitask convolution (channels last) over ``rank`` spatial axes: branch ``i`` convolves ``inputs[i]`` with slab ``i``.
 
-    Example:
-        >>> layer = MultiConv2D(8, kernel_size=3, activation="relu")
-        >>> a, b = layer([images0, images1])
+    The base of `MultiConv1D`, `MultiConv2D` and `MultiConv3D`, which set ``rank``.
     """
 
+    rank: int
     masked = False
     multitask = True
     list_input = True
@@ -134,9 +132,9 @@ class MultiConv2D(MaskedLayerMixin, keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.filters = validate_positive_int("filters", filters)
-        self.kernel_size = conv_tuple("kernel_size", kernel_size)
+        self.kernel_size = conv_tuple("kernel_size", kernel_size, self.rank)
         self.padding = validate_padding(padding)
-        self.strides = conv_tuple("strides", strides)
+        self.strides = conv_tuple("strides", strides, self.rank)
         self.use_bias = bool(use_bias)
         self.activation = keras.activations.get(activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -180,14 +178,8 @@ class MultiConv2D(MaskedLayerMixin, keras.layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="mann_edge")
-class MultiMaskedConv2D(MultiConv2D):
-    """`MultiConv2D` whose slabs are multiplied by binary masks (what RSN2 prunes).
-
-    Example:
-        >>> layer = MultiMaskedConv2D(16, kernel_size=3, activation="relu")
-        >>> a, b = layer([images0, images1])
-    """
+class MultiMaskedConv(MultiConv):
+    """`MultiConv` whose slabs are multiplied by binary masks (what RSN2 prunes); adds ``mask_initializer``."""
 
     masked = True
 
@@ -204,22 +196,84 @@ class MultiMaskedConv2D(MultiConv2D):
 
 
 @keras.saving.register_keras_serializable(package="mann_edge")
-class MultiMaxPool2D(LayerFacts, keras.layers.Layer):
-    """Max pooling applied to each task's input.
-
-    Note the original's defaults: ``strides=(1, 1)`` and ``padding='same'`` keep the spatial size.
+class MultiConv1D(MultiConv):
+    """Multitask 1-D convolution over (steps, channels); not in the original packages.
 
     Example:
-        >>> a, b = MultiMaxPool2D(pool_size=2, strides=2)([maps0, maps1])
+        >>> a, b = MultiConv1D(8, kernel_size=3, activation="relu")([texts0, texts1])
     """
 
+    rank = 1
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MultiConv2D(MultiConv):
+    """Multitask 2-D convolution (channels last): branch ``i`` convolves ``inputs[i]`` with slab ``i``.
+
+    Example:
+        >>> layer = MultiConv2D(8, kernel_size=3, activation="relu")
+        >>> a, b = layer([images0, images1])
+    """
+
+    rank = 2
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MultiConv3D(MultiConv):
+    """Multitask 3-D convolution over (depth, height, width, channels).
+
+    Example:
+        >>> a, b = MultiConv3D(4, kernel_size=3, activation="relu")([volumes0, volumes1])
+    """
+
+    rank = 3
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MultiMaskedConv1D(MultiMaskedConv):
+    """`MultiConv1D` with masked slabs: the text branch of a MANN (not in the original packages).
+
+    Example:
+        >>> a, b = MultiMaskedConv1D(16, kernel_size=3, activation="relu")([embedded0, embedded1])
+    """
+
+    rank = 1
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MultiMaskedConv2D(MultiMaskedConv):
+    """`MultiConv2D` whose slabs are multiplied by binary masks (what RSN2 prunes).
+
+    Example:
+        >>> layer = MultiMaskedConv2D(16, kernel_size=3, activation="relu")
+        >>> a, b = layer([images0, images1])
+    """
+
+    rank = 2
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MultiMaskedConv3D(MultiMaskedConv):
+    """`MultiConv3D` whose slabs are multiplied by binary masks.
+
+    Example:
+        >>> a, b = MultiMaskedConv3D(4, kernel_size=3, activation="relu")([volumes0, volumes1])
+    """
+
+    rank = 3
+
+
+class MultiMaxPool(LayerFacts, keras.layers.Layer):
+    """Max pooling over ``rank`` spatial axes applied to each task's input (the base of the 2-D and 3-D forms)."""
+
+    rank: int
     multitask = True
     list_input = True
 
-    def __init__(self, pool_size=(2, 2), strides=(1, 1), padding="same", **kwargs):
+    def __init__(self, pool_size, strides, padding="same", **kwargs):
         super().__init__(**kwargs)
-        self.pool_size = conv_tuple("pool_size", pool_size)
-        self.strides = conv_tuple("strides", strides)
+        self.pool_size = conv_tuple("pool_size", pool_size, self.rank)
+        self.strides = conv_tuple("strides", strides, self.rank)
         self.padding = validate_padding(padding)
 
     def call(self, inputs):
@@ -235,3 +289,33 @@ class MultiMaxPool2D(LayerFacts, keras.layers.Layer):
         config = super().get_config()
         config.update({"pool_size": list(self.pool_size), "strides": list(self.strides), "padding": self.padding})
         return config
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MultiMaxPool2D(MultiMaxPool):
+    """2-D max pooling applied to each task's input.
+
+    Note the original's defaults: ``strides=(1, 1)`` and ``padding='same'`` keep the spatial size.
+
+    Example:
+        >>> a, b = MultiMaxPool2D(pool_size=2, strides=2)([maps0, maps1])
+    """
+
+    rank = 2
+
+    def __init__(self, pool_size=(2, 2), strides=(1, 1), padding="same", **kwargs):
+        super().__init__(pool_size, strides, padding, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MultiMaxPool3D(MultiMaxPool):
+    """3-D max pooling applied to each task's input, with the original's defaults (3x3x3 windows, stride 1, 'same').
+
+    Example:
+        >>> a, b = MultiMaxPool3D(pool_size=2, strides=2)([volumes0, volumes1])
+    """
+
+    rank = 3
+
+    def __init__(self, pool_size=(3, 3, 3), strides=(1, 1, 1), padding="same", **kwargs):
+        super().__init__(pool_size, strides, padding, **kwargs)

@@ -90,3 +90,25 @@ class SumLayer(LayerFacts, keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[0])
+
+
+@keras.saving.register_keras_serializable(package="mann_edge")
+class MultitaskNormalization(LayerFacts, keras.layers.Layer):
+    """Divides each input by the sum of all of them: ``outputs[i] = inputs[i] / sum(inputs)``.
+
+    Every output reads every input, so a task's graph after it holds every branch it divides
+    by; output ``i`` belongs to branch ``i`` (RSN2 trains and prunes task ``i`` there only).
+
+    Example:
+        >>> p0, p1 = MultitaskNormalization()([scores0, scores1])   # p0 + p1 == 1
+    """
+
+    list_input = True
+    reads_all_branches = True
+
+    def call(self, inputs):
+        total = functools.reduce(ops.add, inputs)
+        return [ops.divide(x, total) for x in inputs]
+
+    def compute_output_shape(self, input_shape):
+        return [tuple(shape) for shape in input_shape]

@@ -1,0 +1,1021 @@
+"""A task of a compact model planned once per input size and run as one compiled call (numba).
+
+Stepping through a task op by op in Python costs a few microseconds per op (binding the
+arguments, allocating each output, numba's dispatch): on a small model that is most of a
+run. Here a task is planned once per input shapes (`TaskProgram.plan`):
+
+- the shapes of every tensor, from `mann_edge.graph.plan.check_run` (the same checks and
+  the same `MAX_TENSOR_BYTES` limit as the op-by-op executor);
+- its weights laid out once per task in a few flat arrays (float32 biases, tables and dense
+  weights; the sparse kernels' values, float32 or float16 bits; their uint16 or uint32 indices;
+  int64 slice pointers), one value and one index dtype per task, so a process loads one
+  compiled variant of the interpreter;
+- a buffer for every tensor and scratch array in one float32 arena, reused once a tensor's
+  last reader has run (so the arena holds the live tensors, not all of them); a batch stays
+  transposed, (features, batch), between two sparse products;
+- a table of ops (a row of ints per op: its op code, then the offsets and sizes it works on).
+
+A run then copies the inputs into the arena, makes one call to the compiled interpreter
+`run_program` for each stretch of compiled ops, and copies the outputs out. An op the
+interpreter does not know (a new op type, an activation it does not compute, an input
+that comes from such an op with an integer dtype) runs as its runtime op or reference op
+(`mann_edge.runtime.kernels.runtime_ops`) between two stretches, reading and writing the arena.
+
+Flatten and reshape cost nothing: channels-last tensors are contiguous, so their output
+is their input's buffer. Sparse dense and conv kernels run on the sliced-ELLPACK (`Sell8`) and
+1x4-block kernels of `mann_edge.runtime.fast_kernels`; a kernel small enough to sit in cache
+and not too sparse runs dense on BLAS instead (`DENSE_MAX_BYTES`). A conv gathers its windows
+through an index made once per input size, then multiplies. The interpreter is serial.
+
+Example:
+    >>> program = TaskProgram(compact_model, "digits", threads=1)
+    >>> program.run({"digits_image": x})[0].shape
+    (1, 10)
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numba
+import numpy as np
+
+from mann_edge.errors import InputError
+from mann_edge.graph import plan as graph_plan
+from mann_edge.graph.activations import normalize_activation
+from mann_edge.graph.model import CompactModel, Node
+from mann_edge.graph.ops import bind
+from mann_edge.runtime.fast_kernels import (
+    LANES,
+    Blocks1x4,
+    Sell8,
+    _block_matmat_serial,
+    _block_matvec_serial,
+    _sell_matmat_serial,
+    _sell_matvec_serial,
+)
+from mann_edge.runtime.kernels import Windows, runtime_ops
+from mann_edge.sparse import CSRWeight, to_dense
+
+__all__ = ["TaskProgram", "run_program", "compiled_op_types"]
+
+# op codes of the interpreter; each op is a row of `_WIDTH` int64 in the program table
+(_DENSE_SELL, _DENSE_BLOCK, _DENSE_FULL, _GATHER, _MAX_POOL, _AVG_POOL, _EMBED, _ACT, _ADD, _CONCAT, _PERMUTE,
+ _REDUCE, _LAYER_NORM, _ATTENTION) = range(1, 15)
+_WIDTH = 16
+# activations the interpreter computes (`_ACT` kinds); any other runs as the node's op in Python
+_LINEAR, _RELU, _SIGMOID, _TANH, _SOFTMAX = range(5)
+_ACT_KINDS = {"linear": _LINEAR, "relu": _RELU, "sigmoid": _SIGMOID, "tanh": _TANH, "softmax": _SOFTMAX}
+_PLAIN_RELU = normalize_activation("relu")
+# A sparse kernel weight runs dense (BLAS) when its dense form stays in the core's cache (at most
+# `DENSE_MAX_BYTES`) and it is not too sparse (`DENSE_MIN_DENSITY`): BLAS then streams its rows at
+# about 20 multiply-adds per nanosecond against about 1.5 nonzeros per nanosecond for the sparse
+# kernels (128 x 128 at 10 %: 0.6 us dense, 1.2 us SELL at batch 1; 32 x 144 times 16 windows:
+# 1.0 us dense, 2.6 us sparse). Larger weights (a 1000 x 1000 layer is 4 MB) stay sparse.
+DENSE_MAX_BYTES = 128 * 1024
+DENSE_MIN_DENSITY = 1 / 16
+# errors `run_program` returns (0: none)
+_ID_OUT_OF_RANGE = 1
+
+
+def compiled_op_types() -> tuple[str, ...]:
+    """The op types the compiled interpreter runs itself (others run in Python between its calls)."""
+    return ("dense", "conv2d", "max_pool2d", "avg_pool2d", "embedding", "flatten", "reshape", "activation",
+            "add", "concat", "transpose", "global_avg_pool", "global_max_pool", "layer_norm", "attention")
+
+
+# -- the interpreter ---------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _to_columns(act, x_off, n, k, dst, rows, lanes):
+    """``dst`` (rows, lanes) = x (n, k) transposed; rows past k and lanes past n are zero (the block kernels' padding)."""
+    for j in range(rows):
+        base = dst + j * lanes
+        if j < k:
+            for b in range(n):
+                act[base + b] = act[x_off + b * k + j]
+            for b in range(n, lanes):
+                act[base + b] = 0.0
+        else:
+            for b in range(lanes):
+                act[base + b] = 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _from_columns(act, src, r, n, lanes, out_off):
+    """out (n, r) = the first n lanes of ``src`` (r, lanes), transposed."""
+    for b in range(n):
+        for i in range(r):
+            act[out_off + b * r + i] = act[src + i * lanes + b]
+
+
+@numba.njit(cache=True, nogil=True)
+def _dense_sell(op, wi, wf, data, indices_all, act):
+    # op: code, n, k, r, x, out, slice pointers (wi; then the lanes' rows and lengths), -, indices, -, values,
+    # bias, relu, scratch, out in columns, x in columns (a conv's gathered windows, the previous product's output)
+    n, k, r, x_off, out_off = op[1], op[2], op[3], op[4], op[5]
+    slices = (r + LANES - 1) // LANES
+    sptr = wi[op[6]: op[6] + slices + 1]
+    perm = wi[op[6] + slices + 1: op[6] + slices + 1 + slices * LANES]
+    lengths = wi[op[6] + slices + 1 + slices * LANES: op[6] + slices + 1 + 2 * slices * LANES]
+    entries = sptr[slices]
+    indices = indices_all[op[8]: op[8] + entries]
+    values = data[op[10]: op[10] + entries]
+    bias = wf[op[11]: op[11] + r]
+    relu = op[12] != 0
+    if n == 1:
+        _sell_matvec_serial(sptr, indices, values, perm, act[x_off: x_off + k], bias, relu, act[out_off: out_off + r])
+        return
+    # a batch runs transposed, padded to 8-lane tiles: each nonzero then adds one contiguous batch-wide row;
+    # op[15] / op[14]: the input / output is kept transposed already (between two such products)
+    s, lanes = op[13], (n + 7) // 8 * 8
+    if op[15]:
+        xt = act[x_off: x_off + k * lanes]
+    else:
+        _to_columns(act, x_off, n, k, s, k, lanes)
+        xt = act[s: s + k * lanes]
+        s += k * lanes
+    y = out_off if op[14] else s
+    _sell_matmat_serial(sptr, indices, values, perm, lengths, xt, lanes, bias, relu, act[y: y + r * lanes])
+    if not op[14]:
+        _from_columns(act, y, r, n, lanes, out_off)
+
+
+@numba.njit(cache=True, nogil=True)
+def _dense_block(op, wi, wf, data, columns_all, act):
+    # op: code, n, k, r, x, out, indptr, -, columns, -, values, bias, relu, scratch, padded k
+    n, k, r, x_off, out_off, kp = op[1], op[2], op[3], op[4], op[5], op[14]
+    indptr = wi[op[6]: op[6] + r + 1]
+    blocks = indptr[r]
+    columns = columns_all[op[8]: op[8] + blocks]
+    values = data[op[10]: op[10] + 4 * blocks]
+    bias = wf[op[11]: op[11] + r]
+    relu = op[12] != 0
+    s = op[13]
+    if n == 1:
+        x = act[x_off: x_off + k]
+        if kp != k:  # the last block reads past the inputs: zeros there
+            _to_columns(act, x_off, 1, k, s, kp, 1)
+            x = act[s: s + kp]
+        _block_matvec_serial(indptr, columns, values, x, bias, relu, act[out_off: out_off + r])
+        return
+    lanes = (n + 7) // 8 * 8  # the kernel works in 8-lane tiles of the batch
+    _to_columns(act, x_off, n, k, s, kp, lanes)
+    y = s + kp * lanes
+    _block_matmat_serial(indptr, columns, values, act[s: s + kp * lanes], lanes, bias, relu, act[y: y + r * lanes])
+    _from_columns(act, y, r, n, lanes, out_off)
+
+
+@numba.njit(cache=True, nogil=True)
+def _dense_full(op, wf, act):
+    # op: code, n, k, r, x, out, weight (k, r), bias, relu; a weight kept dense goes to BLAS
+    n, k, r, x_off, out_off, w_off, b_off, relu = op[1], op[2], op[3], op[4], op[5], op[6], op[7], op[8] != 0
+    y = act[out_off: out_off + n * r].reshape((n, r))
+    np.dot(act[x_off: x_off + n * k].reshape((n, k)), wf[w_off: w_off + k * r].reshape((k, r)), y)
+    bias = wf[b_off: b_off + r]
+    for b in range(n):
+        for j in range(r):
+            v = y[b, j] + bias[j]
+            y[b, j] = 0.0 if relu and not v >= 0 else v
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(op, pi, act):
+    # op: code, n, windows, cells, channels, pixels, x, out, table (windows, cells) of pixels (-1 in the padding),
+    # columns, lanes. columns 0: the windows as rows (n * windows, cells * channels); 1: transposed,
+    # (cells * channels, lanes), as the SELL batch kernel reads them, the lanes past n * windows zero.
+    # Pixels are rows of channels (2-D views).
+    n, windows, cells, c, pixels, x_off, out_off, table = op[1], op[2], op[3], op[4], op[5], op[6], op[7], op[8]
+    columns, lanes = op[9] != 0, op[10]
+    x = act[x_off: x_off + n * pixels * c].reshape((n * pixels, c))
+    if columns:
+        y = act[out_off: out_off + cells * c * lanes].reshape((cells * c, lanes))
+        for j in range(cells * c):
+            for b in range(n * windows, lanes):
+                y[j, b] = 0.0
+        for b in range(n):
+            for w in range(windows):
+                lane = b * windows + w
+                for cell in range(cells):
+                    pixel = pi[table + w * cells + cell]
+                    for ch in range(c):
+                        y[cell * c + ch, lane] = x[b * pixels + pixel, ch] if pixel >= 0 else np.float32(0.0)
+        return
+    y = act[out_off: out_off + n * windows * cells * c].reshape((n * windows * cells, c))
+    for b in range(n):
+        for w in range(windows):
+            for cell in range(cells):
+                pixel = pi[table + w * cells + cell]
+                row = (b * windows + w) * cells + cell
+                if pixel < 0:
+                    for ch in range(c):
+                        y[row, ch] = 0.0
+                else:
+                    source = b * pixels + pixel
+                    for ch in range(c):
+                        y[row, ch] = x[source, ch]
+
+
+@numba.njit(cache=True, nogil=True)
+def _pool(op, pi, act, average):
+    # op: code, n, windows, cells, channels, pixels, x, out, table, counts (valid cells per window);
+    # pixels and windows are rows of channels (2-D views): the inner loops run over contiguous channels
+    n, windows, cells, c, pixels, x_off, out_off, table, counts = op[1], op[2], op[3], op[4], op[5], op[6], op[7], \
+        op[8], op[9]
+    x = act[x_off: x_off + n * pixels * c].reshape((n * pixels, c))
+    y = act[out_off: out_off + n * windows * c].reshape((n * windows, c))
+    for b in range(n):
+        for w in range(windows):
+            target = y[b * windows + w]
+            # the padding is -inf for the max (as the reference: every window holds a valid cell), left out of the mean
+            target[:] = 0.0 if average else np.float32(-np.inf)
+            for cell in range(cells):
+                pixel = pi[table + w * cells + cell]
+                if pixel < 0:
+                    continue
+                source = x[b * pixels + pixel]
+                if average:
+                    for ch in range(c):
+                        target[ch] += source[ch]
+                else:
+                    for ch in range(c):
+                        if source[ch] > target[ch]:
+                            target[ch] = source[ch]
+            if average:
+                count = np.float32(pi[counts + w])
+                for ch in range(c):
+                    target[ch] = target[ch] / count
+
+
+@numba.njit(cache=True, nogil=True)
+def _embed(op, pi, wf, act):
+    # op: code, ids, dim, vocab, ids offset (pi), table (wf), out
+    count, dim, vocab, ids, table, out = op[1], op[2], op[3], op[4], op[5], op[6]
+    for j in range(count):
+        row = pi[ids + j]
+        if row < 0 or row >= vocab:
+            return _ID_OUT_OF_RANGE
+        for d in range(dim):
+            act[out + j * dim + d] = wf[table + row * dim + d]
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _activation(op, wf, act):
+    # op: code, rows, width, x, out, kind, params (wf: relu's negative slope, max value (NaN: none), threshold)
+    rows, width, x_off, out_off, kind, params = op[1], op[2], op[3], op[4], op[5], op[6]
+    size = rows * width
+    if kind == _RELU:
+        slope, top, threshold = wf[params], wf[params + 1], wf[params + 2]
+        for j in range(size):
+            v = act[x_off + j]
+            if v >= threshold:
+                y = v
+            elif slope != 0:
+                y = slope * (v - threshold)
+            else:
+                y = np.float32(0.0)
+            if top == top and y > top:  # top is NaN when there is no max value
+                y = top
+            act[out_off + j] = y
+    elif kind == _SIGMOID:
+        for j in range(size):
+            act[out_off + j] = np.float32(1.0) / (np.float32(1.0) + np.exp(-act[x_off + j]))
+    elif kind == _TANH:
+        for j in range(size):
+            act[out_off + j] = np.tanh(act[x_off + j])
+    elif kind == _SOFTMAX:
+        for i in range(rows):
+            x, o = x_off + i * width, out_off + i * width
+            top = act[x]
+            for j in range(1, width):
+                top = max(top, act[x + j])
+            total = np.float32(0.0)
+            for j in range(width):
+                e = np.exp(act[x + j] - top)
+                act[o + j] = e
+                total += e
+            for j in range(width):
+                act[o + j] = act[o + j] / total
+    elif x_off != out_off:
+        for j in range(size):
+            act[out_off + j] = act[x_off + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _add(op, pi, act):
+    # op: code, size, out, inputs, list (pi: the inputs' offsets)
+    size, out, count, inputs = op[1], op[2], op[3], op[4]
+    for j in range(size):
+        act[out + j] = act[pi[inputs] + j]
+    for t in range(1, count):
+        src = pi[inputs + t]
+        for j in range(size):
+            act[out + j] += act[src + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _concat(op, pi, act):
+    # op: code, outer, out, out inner, inputs, list (pi: offset, inner size per input)
+    outer, out, width, count, inputs = op[1], op[2], op[3], op[4], op[5]
+    start = 0
+    for t in range(count):
+        src, inner = pi[inputs + 2 * t], pi[inputs + 2 * t + 1]
+        for i in range(outer):
+            for j in range(inner):
+                act[out + i * width + start + j] = act[src + i * inner + j]
+        start += inner
+
+
+@numba.njit(cache=True, nogil=True)
+def _permute(op, pi, act):
+    # op: code, n, size per example, x, out, table (pi: out[j] = x[table[j]] within an example)
+    n, size, x, out, table = op[1], op[2], op[3], op[4], op[5]
+    for b in range(n):
+        for j in range(size):
+            act[out + b * size + j] = act[x + b * size + pi[table + j]]
+
+
+@numba.njit(cache=True, nogil=True)
+def _reduce(op, pi, act):
+    # op: code, n, size per example, groups, group size, x, out, table (pi: each group's positions), maximum
+    n, size, groups, g, x, out, table, maximum = op[1], op[2], op[3], op[4], op[5], op[6], op[7], op[8] != 0
+    for b in range(n):
+        base = x + b * size
+        for j in range(groups):
+            cells = table + j * g
+            if maximum:
+                value = act[base + pi[cells]]
+                for t in range(1, g):
+                    value = max(value, act[base + pi[cells + t]])
+            else:
+                value = np.float32(0.0)
+                for t in range(g):
+                    value += act[base + pi[cells + t]]
+                value = value / np.float32(g)
+            act[out + b * groups + j] = value
+
+
+@numba.njit(cache=True, nogil=True)
+def _layer_norm(op, pi, wf, act):
+    # op: code, n, size per example, groups, group size, x, out, table (pi: each group's positions, in the
+    # order of gamma and beta), gamma (wf, -1: none), beta (wf, -1: none), epsilon (wf)
+    n, size, groups, g, x, out, table = op[1], op[2], op[3], op[4], op[5], op[6], op[7]
+    gamma, beta, epsilon = op[8], op[9], wf[op[10]]
+    for b in range(n):
+        base, target = x + b * size, out + b * size
+        for j in range(groups):
+            cells = table + j * g
+            mean = np.float32(0.0)
+            for t in range(g):
+                mean += act[base + pi[cells + t]]
+            mean = mean / np.float32(g)
+            variance = np.float32(0.0)
+            for t in range(g):
+                d = act[base + pi[cells + t]] - mean
+                variance += d * d
+            scale = np.float32(1.0) / np.sqrt(variance / np.float32(g) + epsilon)
+            for t in range(g):
+                y = (act[base + pi[cells + t]] - mean) * scale
+                if gamma >= 0:
+                    y = y * wf[gamma + t]
+                if beta >= 0:
+                    y = y + wf[beta + t]
+                act[target + pi[cells + t]] = y
+
+
+@numba.njit(cache=True, nogil=True)
+def _attention(op, wf, act):
+    # op: code, heads (batch times leading axes), tq, tv, d, dv, query, value, key, out, scale (wf), causal,
+    # scratch (tq, tv) for the scores; the two products go to BLAS
+    heads, tq, tv, d, dv = op[1], op[2], op[3], op[4], op[5]
+    query, value, key, out, scale, causal, s0 = op[6], op[7], op[8], op[9], wf[op[10]], op[11] != 0, op[12]
+    scores = act[s0: s0 + tq * tv].reshape((tq, tv))
+    for h in range(heads):
+        q = act[query + h * tq * d: query + (h + 1) * tq * d].reshape((tq, d))
+        k = act[key + h * tv * d: key + (h + 1) * tv * d].reshape((tv, d))
+        v = act[value + h * tv * dv: value + (h + 1) * tv * dv].reshape((tv, dv))
+        np.dot(q, k.T, scores)
+        for i in range(tq):
+            row = scores[i]
+            top = np.float32(-np.inf)  # float32 throughout: a float64 here would make every exp a double one
+            for j in range(tv):
+                score = row[j] * scale
+                if causal and j > i:  # as Keras: the masked score minus 1e9, so its weight is 0
+                    score = score + np.float32(-1e9)
+                row[j] = score
+                top = max(top, score)
+            total = np.float32(0.0)
+            for j in range(tv):
+                e = np.exp(row[j] - top)
+                row[j] = e
+                total += e
+            for j in range(tv):
+                row[j] = row[j] / total
+        np.dot(scores, v, act[out + h * tq * dv: out + (h + 1) * tq * dv].reshape((tq, dv)))
+
+
+@numba.njit(cache=True, nogil=True)
+def run_program(program, first, last, wi, pi, wf, values, indices, act):
+    """Runs rows ``first`` to ``last`` of ``program`` over the arena ``act``; returns 0, or an error code.
+
+    ``wi`` (int64: row pointers), ``wf`` (float32: biases, tables, dense weights), ``values`` (the
+    sparse kernels' values: float32, or float16 as their uint16 bits) and ``indices`` (uint16 or
+    uint32) hold the task's weights; ``pi`` (int64) the plan's window tables, id inputs and input
+    lists. One task uses one value and one index dtype, so numba compiles (and a process loads) only
+    that variant. No bounds checks: `TaskProgram.plan` lays every offset out from shapes `check_run`
+    accepted.
+    """
+    for p in range(first, last):
+        op = program[p]
+        code = op[0]
+        if code == _DENSE_SELL:
+            _dense_sell(op, wi, wf, values, indices, act)
+        elif code == _DENSE_BLOCK:
+            _dense_block(op, wi, wf, values, indices, act)
+        elif code == _DENSE_FULL:
+            _dense_full(op, wf, act)
+        elif code == _GATHER:
+            _gather(op, pi, act)
+        elif code == _MAX_POOL:
+            _pool(op, pi, act, False)
+        elif code == _AVG_POOL:
+            _pool(op, pi, act, True)
+        elif code == _EMBED:
+            error = _embed(op, pi, wf, act)
+            if error:
+                return error
+        elif code == _ACT:
+            _activation(op, wf, act)
+        elif code == _ADD:
+            _add(op, pi, act)
+        elif code == _CONCAT:
+            _concat(op, pi, act)
+        elif code == _PERMUTE:
+            _permute(op, pi, act)
+        elif code == _REDUCE:
+            _reduce(op, pi, act)
+        elif code == _LAYER_NORM:
+            _layer_norm(op, pi, wf, act)
+        elif code == _ATTENTION:
+            _attention(op, wf, act)
+    return 0
+
+
+# -- the task's weights, laid out once ---------------------------------------------------------------
+
+
+class _Arrays:
+    """Flat arrays of one dtype that grow while a task is laid out; `freeze` makes the one array the kernels read."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.parts: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, values) -> int:
+        """Appends ``values`` (cast to the dtype); returns their offset."""
+        values = np.ascontiguousarray(np.asarray(values).reshape(-1), self.dtype)
+        offset = self.size
+        self.parts.append(values)
+        self.size += values.size
+        return offset
+
+    def freeze(self) -> np.ndarray:
+        # one spare element, so an array with nothing in it still has a valid data pointer
+        return np.concatenate(self.parts + [np.zeros(1, self.dtype)])
+
+
+def _runs_dense(weight: CSRWeight) -> bool:
+    """Whether the program multiplies ``weight`` dense (see `DENSE_MAX_BYTES`)."""
+    rows, cols = weight.matrix_shape
+    return 4 * rows * cols <= DENSE_MAX_BYTES and weight.nnz >= DENSE_MIN_DENSITY * rows * cols
+
+
+def _fused(activation: dict) -> tuple[bool, dict | None]:
+    """(relu fused into the kernel, activation left to an `_ACT` op or None) for a node's activation."""
+    if activation == _PLAIN_RELU:
+        return True, None
+    if activation["name"] == "linear":
+        return False, None
+    return False, activation
+
+
+def _compilable_activation(activation: dict, rank: int) -> bool:
+    if activation["name"] not in _ACT_KINDS:
+        return False
+    return activation["name"] != "softmax" or activation["axis"] in (-1, rank - 1)
+
+
+@dataclass
+class _Layer:
+    """A dense or conv node's kernel in the task's arrays: which kernel and where its weights are."""
+
+    code: int
+    rows: int
+    cols: int
+    words: dict = field(default_factory=dict)  # op row position -> value: pointers, indices, values, bias offsets
+
+
+# -- one task ----------------------------------------------------------------------------------------
+
+
+class _Arena:
+    """Buffers in one float32 array, handed out first-fit and given back once their last reader ran."""
+
+    def __init__(self):
+        self.free: list[tuple[int, int]] = []  # (offset, size), sorted by offset
+        self.end = 0
+
+    def take(self, size: int) -> int:
+        size = max(int(size), 1)
+        for i, (offset, room) in enumerate(self.free):
+            if room >= size:
+                if room == size:
+                    del self.free[i]
+                else:
+                    self.free[i] = (offset + size, room - size)
+                return offset
+        offset = self.end
+        self.end += size
+        return offset
+
+    def give(self, offset: int, size: int) -> None:
+        size = max(int(size), 1)
+        self.free.append((offset, size))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for start, room in self.free:  # neighbours become one buffer again
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + room)
+            else:
+                merged.append((start, room))
+        self.free = merged
+
+
+@dataclass
+class _Plan:
+    """One task planned for one set of input shapes."""
+
+    program: np.ndarray  # (ops, _WIDTH) int64
+    pi: np.ndarray
+    act: np.ndarray
+    steps: list  # ("program", first, last) or ("python", node index)
+    slots: dict  # tensor -> (offset, shape) in act
+    inputs: list = field(default_factory=list)  # (input name, its buffer: a view of act, or of pi for ids)
+    outputs: list = field(default_factory=list)  # (tensor, its buffer or None for a value kept in Python)
+
+    def __post_init__(self):
+        self.whole = len(self.steps) == 1 and self.steps[0][0] == "program"  # one compiled call does it all
+
+
+class TaskProgram:
+    """One task of a compact model: its weights laid out for `run_program`, and a plan per input shapes.
+
+    Args:
+        model: the compact model.
+        task: the task's name.
+        threads: threads for the ops that run in Python (the interpreter itself is serial).
+
+    Example:
+        >>> program = TaskProgram(model, "cancer")
+        >>> y = program.run({"cancer_features": x})[0]
+    """
+
+    # plans kept, the oldest dropped first: callers use a few batch sizes
+    _MAX_PLANS = 32
+
+    def __init__(self, model: CompactModel, task: str, threads: int | None = 1):
+        self.task = model.task(task)
+        self.nodes = model.task_nodes(task)
+        self.weights = {key: model.weights[key] for node in self.nodes for key in node.weights.values()}
+        self._model_weights = model.weights
+        self._registry = runtime_ops(threads)
+        self._bound: dict[str, object] = {}
+        self._plans: dict[tuple, _Plan] = {}
+        # a plan's buffers serve one run at a time: callers on several threads take turns (re-entrant: `run`
+        # plans under it)
+        self._lock = threading.RLock()
+        self._layout()
+
+    # weights ------------------------------------------------------------------
+
+    def _layout(self) -> None:
+        # one value dtype and one index dtype per task: float16 bits only if every sparse kernel is float16,
+        # uint32 indices only if a kernel has more than 65,536 inputs
+        sparse = [self.weights[node.weights["kernel"]] for node in self.nodes if node.op in ("dense", "conv2d")]
+        sparse = [w for w in sparse if isinstance(w, CSRWeight)]
+        self.half = bool(sparse) and all(w.data.dtype == np.float16 for w in sparse)
+        self.wide = any(w.matrix_shape[1] > 1 << 16 for w in sparse)
+        wi, wf = _Arrays(np.int64), _Arrays(np.float32)
+        values = _Arrays(np.uint16 if self.half else np.float32)
+        indices = _Arrays(np.uint32 if self.wide else np.uint16)
+        self.layers: dict[str, _Layer] = {}
+        self.tables: dict[str, int] = {}
+        self.params: dict[str, int] = {}
+        self.nnz = 0  # multiply-adds per example of the kernels (a weight run dense counts every entry)
+        self.nonzeros = 0  # the weights' stored nonzeros
+        self.kernel_bytes = 0  # bytes of weights a batch-1 run of the kernels reads (values, indices, pointers)
+        for node in self.nodes:
+            if node.op in ("dense", "conv2d"):
+                self.layers[node.name] = self._layer(node, wi, wf, values, indices)
+            elif node.op == "embedding":
+                self.tables[node.name] = wf.add(to_dense(self.weights[node.weights["table"]]))
+            if node.op == "layer_norm":
+                attrs = node.attrs
+                self.params[node.name] = wf.add([attrs["epsilon"]])
+                for role in ("gamma", "beta"):
+                    if role in node.weights:
+                        self.tables[f"{node.name}/{role}"] = wf.add(to_dense(self.weights[node.weights[role]]))
+            elif node.op == "attention":
+                self.params[node.name] = wf.add([node.attrs.get("scale", 1.0)])
+            activation = node.attrs.get("activation")
+            if activation is not None:
+                activation = normalize_activation(activation)
+                if activation["name"] == "relu":
+                    top = activation["max_value"]
+                    self.params[node.name] = wf.add([activation["negative_slope"],
+                                                     np.nan if top is None else top, activation["threshold"]])
+        self.wi, self.wf, self.values, self.indices = wi.freeze(), wf.freeze(), values.freeze(), indices.freeze()
+
+    def _layer(self, node: Node, wi, wf, values_out: _Arrays, indices_out: _Arrays) -> _Layer:
+        kernel = self.weights[node.weights["kernel"]]
+        bias_key = node.weights.get("bias")
+        if isinstance(kernel, CSRWeight):
+            rows, cols = kernel.matrix_shape
+        else:
+            cols, rows = int(np.prod(kernel.shape[:-1])), int(kernel.shape[-1])
+        bias = np.zeros(rows, np.float32) if bias_key is None else to_dense(self.weights[bias_key])
+        bias_offset = wf.add(bias)
+        if not isinstance(kernel, CSRWeight) or _runs_dense(kernel):
+            weight = np.asarray(to_dense(kernel), np.float32).reshape(cols, rows)
+            self.nnz += weight.size
+            self.nonzeros += int(np.count_nonzero(weight))
+            self.kernel_bytes += weight.nbytes + 4 * rows
+            return _Layer(_DENSE_FULL, rows, cols, {6: wf.add(weight), 7: bias_offset})
+        self.nnz += kernel.nnz
+        self.nonzeros += kernel.nnz
+        blocks = Blocks1x4.from_csr(kernel)
+        if blocks is not None:
+            code, pointers, indices, values = _DENSE_BLOCK, blocks.indptr, blocks.columns, blocks.values
+        else:
+            sell = Sell8.from_csr(kernel)
+            code, indices, values = _DENSE_SELL, sell.indices, sell.values
+            pointers = np.concatenate([sell.sptr, sell.perm, sell.lengths])
+        unread = sell.lengths.nbytes if code == _DENSE_SELL else 0  # the lane lengths serve batches only
+        self.kernel_bytes += pointers.nbytes - unread + indices.nbytes + values.nbytes + 4 * rows
+        words = {
+            6: wi.add(pointers),
+            8: indices_out.add(indices),
+            10: values_out.add(values.view(np.uint16) if self.half else values),
+            11: bias_offset,
+        }
+        if code == _DENSE_BLOCK:
+            words[14] = blocks.padded_cols
+        return _Layer(code, rows, cols, words)
+
+    # plans --------------------------------------------------------------------
+
+    def _compiled(self, node: Node, shapes: Mapping, python_values: set, int_inputs: set) -> bool:
+        """Whether the interpreter runs ``node`` (else its op runs in Python)."""
+        if node.op not in compiled_op_types() or any(name in python_values for name in node.inputs):
+            return False
+        if node.op == "embedding":  # the interpreter reads ids from the caller's integer inputs only
+            return node.inputs[0] in int_inputs
+        if any(name in int_inputs for name in node.inputs):
+            return False
+        if node.op == "attention":  # dot scores only; 'concat' scores run in Python
+            return node.attrs.get("score_mode", "dot") == "dot" and len({len(shapes[i]) for i in node.inputs}) == 1 \
+                and len({tuple(shapes[i][:-2]) for i in node.inputs}) == 1
+        if node.op in ("dense", "conv2d", "activation"):
+            _, rest = _fused(normalize_activation(node.attrs.get("activation")))
+            if rest is not None and not _compilable_activation(rest, len(shapes[node.name])):
+                return False
+        return True
+
+    def plan(self, shapes: Mapping[str, tuple]) -> "_Plan | None":
+        """The plan for inputs of ``shapes`` (by input name, in the task's input order); InputError (naming the
+        node) if they do not fit the task, None if its buffers would take more than `MAX_TENSOR_BYTES` (then
+        the caller runs op by op). Planned once per shapes; a few dozen are kept."""
+        with self._lock:
+            return self._plan(shapes)
+
+    def _plan(self, shapes: Mapping[str, tuple]) -> "_Plan | None":
+        key = tuple(shapes.values())
+        if key in self._plans:
+            return self._plans[key]
+        try:
+            known = graph_plan.check_run(self.nodes, self.weights, shapes)
+        except ValueError as error:
+            raise InputError(f"Task {self.task.name!r}: {error}") from None
+        built = self._build(known)
+        if len(self._plans) >= self._MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = built
+        return built
+
+    def _build(self, shapes: Mapping[str, tuple]) -> "_Plan | None":
+        nodes = self.nodes
+        outputs = set(self.task.output_tensors)
+        # tensors only Python handles: outputs of Python ops that are not float (an op's own dtype)
+        int_inputs = {spec.name for spec in self.task.inputs if not spec.dtype.startswith("float")}
+        python_values: set[str] = set()
+        compiled: list[bool] = []
+        for node in nodes:
+            flag = self._compiled(node, shapes, python_values, int_inputs)
+            compiled.append(flag)
+            if not flag and node.dtype not in ("float32", "float16"):
+                python_values.add(node.name)
+        # tensors kept transposed, (features, batch padded to 8 lanes), between two SELL products of a batch:
+        # transposing in and out of every product costs a fifth of a 1000 x 1000 layer's time at batch 32
+        readers: dict[str, list[int]] = {}
+        for index, node in enumerate(nodes):
+            for name in node.inputs:
+                readers.setdefault(name, []).append(index)
+
+        def sell_batch(index: int) -> bool:
+            node = nodes[index]
+            return (compiled[index] and node.op == "dense" and self.layers[node.name].code == _DENSE_SELL
+                    and math.prod(shapes[node.inputs[0]][:-1]) > 1
+                    and _fused(normalize_activation(node.attrs.get("activation")))[1] is None)
+
+        columnar = {node.name for index, node in enumerate(nodes)
+                    if sell_batch(index) and node.name not in outputs and readers.get(node.name)
+                    and all(sell_batch(reader) for reader in readers[node.name])}
+        # a tensor's buffer: its own, or (flatten, reshape) its input's
+        owner: dict[str, str] = {}
+        last_use: dict[str, int] = {}
+        for index, node in enumerate(nodes):
+            for name in node.inputs:
+                last_use[owner.get(name, name)] = index
+            if compiled[index] and node.op in ("flatten", "reshape"):
+                owner[node.name] = owner.get(node.inputs[0], node.inputs[0])
+        for name in outputs:
+            last_use[owner.get(name, name)] = len(nodes)
+
+        arena, pi = _Arena(), _Arrays(np.int64)
+        slots: dict[str, tuple[int, tuple]] = {}
+        sizes: dict[str, int] = {}  # floats of each tensor's buffer
+        plan_inputs: dict[str, tuple] = {}
+        for spec in self.task.inputs:
+            shape = tuple(shapes[spec.name])
+            size = math.prod(shape)
+            if spec.name in int_inputs:  # Python ops read the caller's array; the interpreter a copy as int64
+                plan_inputs[spec.name] = ("i", pi.add(np.zeros(size, np.int64)), size)
+                slots[spec.name] = (plan_inputs[spec.name][1], shape)
+            else:
+                offset = arena.take(size)
+                slots[spec.name], sizes[spec.name] = (offset, shape), size
+                plan_inputs[spec.name] = ("f", offset, size)
+
+        rows: list[list[int]] = []
+        steps: list[tuple] = []
+
+        def release(index: int) -> None:
+            for name in set(nodes[index].inputs):
+                base = owner.get(name, name)
+                if last_use.get(base) == index and base in sizes:
+                    arena.give(slots[base][0], sizes[base])
+
+        for index, node in enumerate(nodes):
+            shape = tuple(shapes[node.name])
+            if not compiled[index]:
+                if node.name not in python_values:
+                    sizes[node.name] = math.prod(shape)
+                    slots[node.name] = (arena.take(sizes[node.name]), shape)
+                steps.append(("python", index))
+                release(index)
+                continue
+            if node.op in ("flatten", "reshape"):
+                slots[node.name] = (slots[owner[node.name]][0], shape)
+                continue
+            sizes[node.name] = math.prod(shape)
+            if node.name in columnar:
+                sizes[node.name] = shape[-1] * ((math.prod(shape[:-1]) + 7) // 8 * 8)
+            out = arena.take(sizes[node.name])
+            slots[node.name] = (out, shape)
+            start = len(rows)
+            self._emit(node, shapes, slots, out, arena, pi, rows, columnar)
+            if steps and steps[-1][0] == "program" and steps[-1][2] == start:
+                steps[-1] = ("program", steps[-1][1], len(rows))
+            else:
+                steps.append(("program", start, len(rows)))
+            release(index)
+
+        if arena.end * 4 > graph_plan.MAX_TENSOR_BYTES:
+            return None
+        program = np.zeros((max(len(rows), 1), _WIDTH), np.int64)
+        for i, row in enumerate(rows):
+            program[i, : len(row)] = row
+        built = _Plan(program, pi.freeze(), np.zeros(arena.end + 1, np.float32), steps, slots)
+        for name, (kind, offset, size) in plan_inputs.items():
+            buffer = built.act if kind == "f" else built.pi
+            built.inputs.append((name, buffer[offset: offset + size].reshape(shapes[name])))
+        for tensor in self.task.output_tensors:
+            if tensor in python_values or tensor in int_inputs:
+                built.outputs.append((tensor, None))
+            else:
+                offset, shape = slots[tensor]
+                built.outputs.append((tensor, built.act[offset: offset + math.prod(shape)].reshape(shape)))
+        return built
+
+    def _activation_row(self, node: Node, activation: dict, rows_n: int, width: int, x: int, out: int) -> list[int]:
+        kind = _ACT_KINDS[activation["name"]]
+        return [_ACT, rows_n, width, x, out, kind, self.params.get(node.name, 0)]
+
+    def _emit(self, node: Node, shapes, slots, out: int, arena: _Arena, pi: _Arrays, rows: list,
+              columnar: set = frozenset()) -> None:
+        """Appends the interpreter rows that compute ``node`` into the buffer at ``out`` (``columnar``: the
+        tensors kept transposed between two SELL products)."""
+        shape = tuple(shapes[node.name])
+        x_shape = tuple(shapes[node.inputs[0]]) if node.inputs else ()
+        x = slots[node.inputs[0]][0] if node.inputs else 0
+        if node.op in ("dense", "conv2d"):
+            layer = self.layers[node.name]
+            fused, rest = _fused(normalize_activation(node.attrs.get("activation")))
+            scratch: list[tuple[int, int]] = []
+            if node.op == "conv2d":
+                kh, kw, cin, _ = self.weights[node.weights["kernel"]].shape
+                windows = Windows((kh, kw), node.attrs["strides"], node.attrs["padding"],
+                                  node.attrs.get("dilation", (1, 1)))
+                n, height, width, channels = x_shape
+                index, _, _ = windows.index(height, width, channels)
+                pixels = np.where(index[:, :, 0] < height * width * channels, index[:, :, 0] // channels, -1)
+                count = n * pixels.shape[0]
+                columns = layer.code == _DENSE_SELL and count > 1
+                lanes = (count + 7) // 8 * 8 if columns else count  # the SELL batch kernel's 8-lane tiles
+                patches = arena.take(lanes * layer.cols)
+                scratch.append((patches, lanes * layer.cols))
+                rows.append([_GATHER, n, pixels.shape[0], kh * kw, channels, height * width, x, patches,
+                             pi.add(pixels), int(columns), lanes])
+                x = patches
+            else:
+                count = math.prod(x_shape[:-1])
+            row = [layer.code, count, layer.cols, layer.rows, x, out] + [0] * 10
+            for position, value in layer.words.items():
+                row[position] = value
+            if (node.op == "conv2d" and columns) or (node.op == "dense" and node.inputs[0] in columnar):
+                row[15] = 1
+            if node.name in columnar:
+                row[14] = 1
+            if layer.code == _DENSE_FULL:
+                row[8] = int(fused)
+            else:
+                row[12] = int(fused)
+                padded = row[14] if layer.code == _DENSE_BLOCK else layer.cols
+                lanes = (count + 7) // 8 * 8
+                if layer.code == _DENSE_SELL and count == 1:
+                    size = 0
+                elif count == 1:
+                    size = padded
+                elif layer.code == _DENSE_SELL:  # transposed input and output, unless kept so already
+                    size = (0 if row[15] else padded * lanes) + (0 if row[14] else layer.rows * lanes)
+                else:
+                    size = (padded + layer.rows) * lanes
+                if size:
+                    row[13] = arena.take(size)
+                    scratch.append((row[13], size))
+            rows.append(row[:_WIDTH])
+            if rest is not None:
+                rows.append(self._activation_row(node, rest, math.prod(shape[:-1]), shape[-1], out, out))
+            for offset, size in scratch:
+                arena.give(offset, size)
+        elif node.op in ("max_pool2d", "avg_pool2d"):
+            windows = Windows(node.attrs["pool_size"], node.attrs["strides"], node.attrs["padding"])
+            n, height, width, channels = x_shape
+            index, _, counts = windows.index(height, width, channels)
+            pixels = np.where(index[:, :, 0] < height * width * channels, index[:, :, 0] // channels, -1)
+            code = _MAX_POOL if node.op == "max_pool2d" else _AVG_POOL
+            rows.append([code, n, pixels.shape[0], pixels.shape[1], channels, height * width, x, out, pi.add(pixels),
+                         pi.add(counts)])
+        elif node.op == "embedding":
+            table = self.weights[node.weights["table"]]
+            rows.append([_EMBED, math.prod(x_shape), table.shape[1], table.shape[0], x, self.tables[node.name], out])
+        elif node.op == "activation":
+            activation = normalize_activation(node.attrs.get("activation"))
+            rows.append(self._activation_row(node, activation, math.prod(shape[:-1]), shape[-1], x, out))
+        elif node.op == "add":
+            offsets = [slots[name][0] for name in node.inputs]
+            rows.append([_ADD, math.prod(shape), out, len(offsets), pi.add(offsets)])
+        elif node.op == "concat":
+            axis = node.attrs["axis"]
+            pairs = []
+            for name in node.inputs:
+                pairs += [slots[name][0], math.prod(shapes[name][axis:])]
+            rows.append([_CONCAT, math.prod(shape[:axis]), out, math.prod(shape[axis:]), len(node.inputs),
+                         pi.add(pairs)])
+        elif node.op == "transpose":
+            order = np.arange(math.prod(x_shape[1:]), dtype=np.int64).reshape(x_shape[1:])
+            table = np.transpose(order, [p - 1 for p in node.attrs["perm"][1:]])
+            rows.append([_PERMUTE, x_shape[0], order.size, x, out, pi.add(table)])
+        elif node.op in ("global_avg_pool", "global_max_pool", "layer_norm"):
+            axes = sorted(a % len(x_shape) for a in node.attrs["axes"])
+            kept = [a for a in range(1, len(x_shape)) if a not in axes]
+            order = np.arange(math.prod(x_shape[1:]), dtype=np.int64).reshape(x_shape[1:])
+            group = math.prod(x_shape[a] for a in axes)
+            table = np.transpose(order, [a - 1 for a in kept + axes]).reshape(-1, group)
+            common = [x_shape[0], order.size, table.shape[0], group, x, out, pi.add(table)]
+            if node.op == "layer_norm":
+                gamma = self.tables.get(f"{node.name}/gamma", -1)
+                beta = self.tables.get(f"{node.name}/beta", -1)
+                rows.append([_LAYER_NORM, *common, gamma, beta, self.params[node.name]])
+            else:
+                rows.append([_REDUCE, *common, int(node.op == "global_max_pool")])
+        elif node.op == "attention":
+            query, value, key = (tuple(shapes[name]) for name in node.inputs)
+            q, v, k = (slots[name][0] for name in node.inputs)
+            scores = arena.take(query[-2] * key[-2])
+            rows.append([_ATTENTION, math.prod(query[:-2]), query[-2], key[-2], query[-1], value[-1], q, v, k, out,
+                         self.params[node.name], int(bool(node.attrs.get("causal", False))), scores])
+            arena.give(scores, query[-2] * key[-2])
+        else:  # pragma: no cover - `_compiled` lets only the types above through
+            raise AssertionError(node.op)
+
+    # running ------------------------------------------------------------------
+
+    def _op(self, node: Node):
+        op = self._bound.get(node.name)
+        if op is None:
+            op = self._bound[node.name] = bind(node, self._model_weights, self._registry)
+        return op
+
+    @property
+    def bytes_per_nonzero(self) -> float:
+        """Weight bytes a batch-1 run reads per stored nonzero (values, indices, pointers, biases; inputs aside)."""
+        return self.kernel_bytes / self.nonzeros if self.nonzeros else 0.0
+
+    def work(self, batch: int) -> int:
+        """Multiply-adds of the task's dense and conv kernels per example times ``batch`` (the conv's windows aside)."""
+        return self.nnz * batch
+
+    def run(self, inputs: Mapping[str, np.ndarray], plan: "_Plan | None" = None) -> list[np.ndarray]:
+        """The task's outputs for ``inputs`` (checked by `normalize_inputs`), planned for their shapes.
+
+        Raises:
+            InputError: the shapes do not fit the task, or an id is outside its embedding table.
+        """
+        with self._lock:
+            if plan is None:
+                plan = self.plan({name: array.shape for name, array in inputs.items()})
+            return self._run(plan, inputs)
+
+    def _run(self, plan: _Plan, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        act, pi = plan.act, plan.pi
+        for name, buffer in plan.inputs:
+            buffer[...] = inputs[name]
+        if plan.whole:  # the common case, kept short: it is most of a small model's run
+            if run_program(plan.program, 0, len(plan.program), self.wi, pi, self.wf, self.values, self.indices, act):
+                raise InputError(f"Task {self.task.name!r}: an embedding received an id outside its table")
+            return [buffer.copy() for _, buffer in plan.outputs]
+        values: dict[str, np.ndarray] = {}
+        for step in plan.steps:
+            if step[0] == "program":
+                error = run_program(plan.program, step[1], step[2], self.wi, pi, self.wf, self.values, self.indices, act)
+                if error:
+                    raise InputError(f"Task {self.task.name!r}: an embedding received an id outside its table")
+                continue
+            node = self.nodes[step[1]]
+            arguments = [self._read(plan, values, inputs, name) for name in node.inputs]
+            result = self._op(node).run(*arguments)
+            if node.name in plan.slots:
+                offset, shape = plan.slots[node.name]
+                if tuple(result.shape) != tuple(shape):
+                    raise InputError(f"Op {node.op} (node '{node.name}') gave shape {tuple(result.shape)}, "
+                                     f"its shape rule says {tuple(shape)}")
+                act[offset: offset + result.size] = result.reshape(-1)
+            else:
+                values[node.name] = np.array(result, copy=True)
+        results = []
+        for tensor, buffer in plan.outputs:
+            if buffer is not None:
+                results.append(buffer.copy())
+            else:
+                results.append(values[tensor] if tensor in values else inputs[tensor])
+        return results
+
+    @staticmethod
+    def _read(plan: _Plan, values: dict, inputs: Mapping, name: str) -> np.ndarray:
+        if name in values:
+            return values[name]
+        if name in inputs:  # the caller's array, as checked (ids keep their dtype)
+            return inputs[name]
+        offset, shape = plan.slots[name]
+        return plan.act[offset: offset + math.prod(shape)].reshape(shape)
+
+
+def _initialise_numba() -> None:
+    """Sets up numba's compiler context now, when the module is imported, rather than in a task's first run.
+
+    numba builds that context (its typing and lowering registries, about 0.2 s) on the first call
+    of any compiled function in a process, cached or not. A bundle session imports this module when
+    it opens (`BundleSession`), so the cost is paid with the runtime's import, and the first run of
+    a task only loads its compiled program from numba's cache.
+    """
+    _to_columns(np.zeros(1, np.float32), 0, 0, 0, 0, 0, 0)
+
+
+_initialise_numba()
