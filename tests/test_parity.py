@@ -102,6 +102,7 @@ SOURCES: dict[str, Callable[[], Source]] = {
     "zoo/sequences": lambda: _keras(zoo.build_sequences()),
     "zoo/images": lambda: _keras(zoo.build_images()),
     "zoo/attention": lambda: _keras(zoo.build_attention()),
+    "zoo/mann_ranks": lambda: _keras(zoo.build_mann_ranks()),
     "zoo/parametrized_activations": lambda: _numpy_reference(zoo.parametrized_activations()),
     **{f"sample/{name}": (lambda name=name: _sample(name)) for name in samples.SAMPLES},
 }
@@ -180,19 +181,21 @@ def _layer_classes(model) -> set[type]:
     return classes
 
 
-def test_every_keras_layer_that_compacts_is_in_the_parity_matrix():
+def test_every_layer_that_compacts_is_in_the_parity_matrix():
     """Coverage is checked, not hoped for: a Keras layer given a lowering needs a zoo model among `SOURCES`.
 
-    MANN layers are covered by the legacy fixtures and the catalogue tests, which read them from files.
+    MANN layers count in the zoo models and in the files the original packages saved.
     """
     from mann_edge.compaction import LOWERINGS
 
     builders = [zoo.build_mixed, zoo.build_multiconv, zoo.build_activations, zoo.build_padding, zoo.build_volumes,
-                zoo.build_sequences, zoo.build_images, zoo.build_attention]
+                zoo.build_sequences, zoo.build_images, zoo.build_attention, zoo.build_mann_ranks]
     assert {f"zoo/{b.__name__.removeprefix('build_')}" for b in builders} <= set(SOURCES)
-    used = set().union(*(_layer_classes(build()) for build in builders))
-    missing = {cls.__name__ for cls in LOWERINGS if cls.__module__.startswith("keras.") and cls not in used}
-    assert not missing, f"Keras layers with a lowering but no zoo model in the parity matrix: {sorted(missing)}"
+    legacy = [name for name in zoo.LEGACY_NAMES + zoo.CATALOGUE_NAMES if f"legacy/{name}" in SOURCES]
+    used = set().union(*(_layer_classes(build()) for build in builders),
+                       *(_layer_classes(mann_edge.load_legacy(zoo.LEGACY / f"{name}.h5")) for name in legacy))
+    missing = {cls.__name__ for cls in LOWERINGS if cls not in used}
+    assert not missing, f"layers with a lowering but no model in the parity matrix: {sorted(missing)}"
 
 
 def test_every_compact_op_is_in_the_parity_matrix(sources):

@@ -26,11 +26,20 @@ from mann_edge.graph.activations import ACTIVATIONS
 from mann_edge.graph.model import CompactModel, Node, Task, TensorSpec
 from mann_edge.layers import (
     FilterLayer,
+    MaskedConv1D,
     MaskedConv2D,
+    MaskedConv3D,
     MaskedDense,
+    MultiConv1D,
+    MultiConv2D,
+    MultiConv3D,
+    MultiMaskedConv1D,
     MultiMaskedConv2D,
+    MultiMaskedConv3D,
     MultiMaskedDense,
     MultiMaxPool2D,
+    MultiMaxPool3D,
+    MultitaskNormalization,
     SelectorLayer,
     SumLayer,
 )
@@ -312,6 +321,31 @@ def build_volumes(seed: int = 0) -> keras.Model:
     _half_zero_kernels(model, np.random.default_rng(seed), keep=("strided3d",))  # a dense kernel: TFLite's CONV_3D
     _randomize_batch_norm(model, np.random.default_rng(seed))
     return model
+
+
+def build_mann_ranks(seed: int = 0) -> keras.Model:
+    """The 1-D and 3-D MANN layers in new models (the legacy files hold the 3-D masked ones only): two tasks over a
+    sequence and a volume (also read as an image) through MaskedConv1D/3D, MultiConv1D/2D/3D (no masks),
+    MultiMaskedConv1D/3D, MultiMaxPool3D,
+    and their scores normalised across the tasks (MultitaskNormalization); masks by RSN2's `mask_model`."""
+    keras.utils.set_random_seed(seed)
+    sequence, volume = keras.Input((9, 3), name="sequence"), keras.Input((4, 6, 6, 1), name="volume")
+    s = MaskedConv1D(4, 3, padding="same", activation="relu", name="masked_conv1d")(sequence)
+    s = MultiConv1D(4, 2, strides=2, padding="valid", name="multi_conv1d")([s, s])
+    s = MultiMaskedConv1D(3, 3, activation="tanh", name="multi_masked_conv1d")(s)
+    v = MaskedConv3D(3, 2, "valid", 1, "relu", name="masked_conv3d")(volume)
+    v = MultiConv3D(3, (1, 2, 2), name="multi_conv3d")([v, v])
+    v = MultiMaskedConv3D(2, 3, strides=(1, 2, 2), name="multi_masked_conv3d")(v)
+    v = MultiMaxPool3D((1, 2, 2), strides=(1, 1, 1), padding="valid", name="multi_max_pool3d")(v)
+    image = keras.layers.Reshape((6, 6, 4), name="as_image")(volume)
+    m = MultiConv2D(2, 3, strides=2, name="multi_conv2d")([image, image])
+    heads = [keras.layers.Concatenate()([keras.layers.Flatten()(x[i]) for x in (s, v, m)]) for i in (0, 1)]
+    scores = MultiMaskedDense(3, activation="sigmoid", name="scores")(heads)
+    shares = MultitaskNormalization(name="shares")(scores)
+    model = keras.Model([sequence, volume], [SelectorLayer(i, name=name)(shares) for i, name in enumerate(("a", "b"))],
+                        name="mann_ranks")
+    _half_zero_kernels(model, np.random.default_rng(seed))  # the unmasked multitask layers
+    return mask_model(model, 50, method="magnitude", exclusive=True)
 
 
 def build_sequences(seed: int = 0) -> keras.Model:
