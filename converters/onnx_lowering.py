@@ -400,8 +400,10 @@ def _embedding(g, node, inputs):
     kind = g.dtype_of(ids)
     if not kind.startswith("int"):
         ids, kind = g.op("Cast", [ids], to=g.helper.np_dtype_to_tensor_dtype(np.dtype("int64"))), "int64"
-    # Gather would read a negative id from the end; send it out of range so that it is refused, as the reference does.
-    ids = g.op("Where", [g.op("Less", [ids, g.const(0, kind)]), g.const(vocab, kind), ids])
+    # Gather would read a negative id from the end; send it out of range so that it is refused, as the reference
+    # does: id - min(id, 0) * (vocab + 1) is id for id >= 0 and -id * vocab >= vocab below, in ops NNAPI and
+    # Core ML's execution provider take (Less/Where they do not).
+    ids = g.op("Sub", [ids, g.op("Mul", [g.op("Min", [ids, g.const(0, kind)]), g.const(vocab + 1, kind)])])
     return g.op("Gather", [table, ids], axis=0)
 
 

@@ -460,3 +460,15 @@ def test_int8_export_is_qdq_with_bitmask_encoded_int8_weights_and_matches_on_cal
         feed = {s.name: calibration[s.name][:8] for s in task.inputs}
         np.testing.assert_array_equal(mann_edge.runtime.load(path).run(task.name, feed)[0],
                                       mann_edge.runtime.load(dense).run(task.name, feed)[0])
+
+
+def test_a_raw_onnxruntime_session_refuses_a_negative_id_instead_of_reading_from_the_end(zoo_exports):
+    """An app calling onnxruntime itself gets no input checks from mann-edge: the graph refuses what Gather would wrap."""
+    files = {read_metadata(file)[METADATA_TASK]: file for file in _files(zoo_exports["mixed"])}
+    session = ort.InferenceSession(str(files["text"]), providers=["CPUExecutionProvider"])
+    ids = np.zeros((1, zoo.TOKENS), np.int32)
+    session.run(None, {"tokens": ids})
+    for bad in (-1, -zoo.VOCAB, zoo.VOCAB):
+        ids[0, 3] = bad
+        with pytest.raises(Exception, match=r"(?i)out of (range|bounds)|indices"):
+            session.run(None, {"tokens": ids})
