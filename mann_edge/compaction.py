@@ -868,7 +868,9 @@ def mask_overlaps(model) -> list[dict]:
     own bias slab in the compact model, and the original packages do not prune conv biases
     (their bias masks stay all ones while the kernel masks are disjoint), so shared bias
     positions are listed here (``must_be_disjoint`` False) but are not an overlap: they
-    neither warn nor make ``strict`` fail.
+    neither warn nor make ``strict`` fail. Nor is a layer whose slabs all serve the same tasks
+    (the heads of beyondml's transformer block, a `MultiDense` whose slabs every task reads):
+    its slabs are not task subnetworks.
 
     Returns:
         One row per weight: ``layer``, ``weight`` ('kernel' or 'bias'), ``positions`` (per
@@ -878,16 +880,19 @@ def mask_overlaps(model) -> list[dict]:
         >>> [row for row in mask_overlaps(model) if row["overlapping"] and row["must_be_disjoint"]]
         []
     """
+    usage = task_usage(model)
     rows = []
     for layer in model.layers:
         if not (getattr(layer, "multitask", False) and layer.weights):  # multitask pooling holds no slabs
             continue
         masks = layer.get_masks() if layer.masked else [_numpy(layer.w)] + ([_numpy(layer.b)] if layer.use_bias else [])
+        owners = {frozenset(task for task, used in enumerate(usage) if (layer.name, slab) in used.layers)
+                  for slab in range(masks[0].shape[0])}
         for role, mask in zip(("kernel", "bias"), masks):
             claimed = (mask != 0).sum(axis=0)
             overlap = int((claimed > 1).sum())
             rows.append({"layer": layer.name, "weight": role, "positions": int(claimed.size), "overlapping": overlap,
-                         "must_be_disjoint": role == "kernel"})
+                         "must_be_disjoint": role == "kernel" and len(owners) > 1})
     return rows
 
 

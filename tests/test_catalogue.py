@@ -207,3 +207,16 @@ def test_a_crafted_file_nesting_models_without_end_is_refused(tmp_path):
     write_legacy(path, config, {})
     with pytest.raises(LegacyFormatError, match="models nested more than 16 deep"):
         mann_edge.load_legacy(path)
+
+
+def test_transformer_heads_serving_every_task_are_not_called_overlapping_masks():
+    import warnings
+
+    from mann_edge.compaction import MaskOverlapWarning
+
+    model = mann_edge.load_legacy(zoo.LEGACY / "beyondml_transformer.h5")
+    heads = [row for row in mask_overlaps(model) if row["layer"] == "multi_dense"]
+    assert heads and all(row["overlapping"] and not row["must_be_disjoint"] for row in heads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MaskOverlapWarning)
+        mann_edge.compact(model, strict=True)  # the task slabs (multi_masked_dense_2) are disjoint
