@@ -35,7 +35,7 @@ import numpy as np
 
 from mann_edge.converters.lowering import bitmask_nbytes, check_nodes, encode_bitmask, lowering_tables, split_activation
 from mann_edge.converters.options import check_dtype
-from mann_edge.errors import ConversionError
+from mann_edge.errors import ConversionError, FormatCannotExpressError
 from mann_edge.graph.activations import SELU_ALPHA, SELU_SCALE
 from mann_edge.graph.model import CompactModel, Node
 from mann_edge.graph.ops import causal_bias
@@ -183,7 +183,7 @@ MAX_RANK = 5
 def _check_rank(node: Node) -> None:
     """ConversionError naming the node, its layer and the format when its output has more axes than Core ML holds."""
     if len(node.shape) > MAX_RANK:
-        raise ConversionError(
+        raise FormatCannotExpressError(
             f"{OWNER} cannot express layer '{node.attrs.get('layer')}' (node '{node.name}', op {node.op}): its output "
             f"has rank {len(node.shape)} and Core ML holds tensors of rank <= {MAX_RANK}"
         )

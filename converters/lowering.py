@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mann_edge.errors import ConversionError
+from mann_edge.errors import ConversionError, FormatCannotExpressError
 from mann_edge.graph.activations import normalize_activation
 from mann_edge.graph.model import Node
 from mann_edge.registry import Registry
@@ -34,8 +34,8 @@ def lowering_tables(owner: str) -> tuple[Registry, Registry]:
         ... def _flatten(builder, node, inputs): ...
     """
     return (
-        Registry("op", owner=owner, verb="lower", error=ConversionError),
-        Registry("activation", owner=owner, verb="lower", error=ConversionError),
+        Registry("op", owner=owner, verb="lower", error=FormatCannotExpressError),
+        Registry("activation", owner=owner, verb="lower", error=FormatCannotExpressError),
     )
 
 

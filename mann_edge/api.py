@@ -29,7 +29,14 @@ import numpy as np
 from mann_edge import interrupts
 from mann_edge.converters.options import Arrays, read_arrays, task_arrays
 from mann_edge.converters.validation import METRICS, ValidationReport, evaluate, scaled_atol
-from mann_edge.errors import ConversionError, InputError, MannEdgeError, OutputExistsError
+from mann_edge.errors import (
+    ConversionError,
+    FormatCannotExpressError,
+    InputError,
+    MannEdgeError,
+    OutputExistsError,
+    SkippedFormatWarning,
+)
 from mann_edge.files import check_writable_dir, size_of, staged_output
 from mann_edge.formats import EXPORT_FORMATS, FORMATS, detect_format, get_format
 from mann_edge.graph.model import CompactModel
@@ -77,7 +84,8 @@ class ConvertResult:
     one row per format: the whole artifact's bytes and dense_bytes. ``reports`` holds each
     artifact's ValidationReport, ``seconds`` its export time, ``scores`` format -> task ->
     the ``metric`` ("float32": the compact model's). ``storage`` holds, per format, what ``storage="auto"``
-    measured and chose (`measure_export` figures of both forms, and the reason).
+    measured and chose (`measure_export` figures of both forms, and the reason). ``skipped`` maps
+    each format that cannot express the model to why (nothing of it is written).
     """
 
     out_dir: Path
@@ -90,6 +98,7 @@ class ConvertResult:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     metric: str = "accuracy"
     storage: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def format_table(self) -> str:
         """The tables `mann-edge convert` prints: per task and format, then per file.
@@ -132,6 +141,8 @@ class ConvertResult:
             lines.append("? the runtime decides (Core ML: per compute unit)")
         for name, record in self.storage.items():
             lines.append(f"storage {name}: {record['chosen']} ({record['why']})")
+        for name, why in self.skipped.items():
+            lines.append(f"not written: {get_format(name).title}: {why}")
         return "\n".join(lines)
 
 
@@ -294,9 +305,16 @@ def convert(
                 verify_on = {task: task_arrays(model, task, calibration, what="calibration data")
                              for task in model.task_names} \
                     if calibration is not None and scaled_atol(_format_dtype(name, dtype)) else None
-                _export_verified(model, name, path, result, dtype=dtype, force=force, verify=verify,
-                                 options=options.get(name, {}), say=say, auto=storage == "auto" and name != BUNDLE,
-                                 verify_on=verify_on)
+                try:
+                    _export_verified(model, name, path, result, dtype=dtype, force=force, verify=verify,
+                                     options=options.get(name, {}), say=say,
+                                     auto=storage == "auto" and name != BUNDLE, verify_on=verify_on)
+                except FormatCannotExpressError as error:
+                    # a layer this format cannot hold: the other formats are still written
+                    if name == BUNDLE or len(result.skipped) + 1 == len(paths) - 1:
+                        raise  # the bundle, or the last export format asked for: nothing useful is left
+                    result.skipped[name] = str(error)
+                    warnings.warn(f"{get_format(name).title} not written: {error}", SkippedFormatWarning, stacklevel=2)
         except BaseException:
             for path in result.artifacts.values():
                 _remove(path)

@@ -97,7 +97,7 @@ def cmd_convert(args) -> int:
     if args.json:
         print(json.dumps({"artifacts": {k: str(v) for k, v in result.artifacts.items()}, "table": result.table,
                           "files": result.files, "seconds": result.seconds, "metric": result.metric,
-                          "scores": result.scores, "storage": result.storage}, indent=1))
+                          "scores": result.scores, "storage": result.storage, "skipped": result.skipped}, indent=1))
     else:
         print(result.format_table())
     return 0

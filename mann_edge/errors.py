@@ -51,6 +51,17 @@ class ConversionError(MannEdgeError):
     """An export to a format failed or is not possible for this model."""
 
 
+class FormatCannotExpressError(ConversionError):
+    """A format cannot hold this model (an op, an activation or a tensor of a layer); other formats may.
+
+    `mann_edge.convert` then writes the formats that can and names this one (a `SkippedFormatWarning`).
+    """
+
+
+class SkippedFormatWarning(UserWarning):
+    """`mann_edge.convert` did not write a format that cannot express the model; it wrote the others."""
+
+
 class ValidationError(MannEdgeError):
     """An exported artifact does not reproduce the compact model's outputs."""
 

@@ -303,3 +303,30 @@ def test_every_format_has_the_converter_entry_points_convert_calls():
                                      "artifact_name", "task_files") if not callable(getattr(module, name, None))]
         assert not missing, (format.name, missing)
         assert set(format.calibrated_dtypes) <= set(format.dtypes), format.name
+
+
+def _rank6_model():
+    """A model Core ML cannot hold (a rank-6 tensor) and every other format can."""
+    import keras
+
+    x = keras.Input((32,), name="x")
+    deep = keras.layers.Reshape((2, 2, 2, 2, 2), name="deep")(x)
+    return keras.Model(x, keras.layers.Dense(2, name="y")(keras.layers.Reshape((32,))(deep)))
+
+
+def test_a_format_that_cannot_express_the_model_is_named_and_the_others_are_written(tmp_path):
+    from mann_edge.errors import SkippedFormatWarning
+
+    with pytest.warns(SkippedFormatWarning, match=r"Core ML not written: .*cannot express layer 'deep'"):
+        result = mann_edge.convert(_rank6_model(), tmp_path / "o", formats=["tflite", "coreml"])
+    assert set(result.artifacts) == {"mann", "tflite"} and list(result.skipped) == ["coreml"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.mann", "model.tflite"]
+    assert "not written: Core ML: Core ML export cannot express layer 'deep'" in result.format_table()
+
+
+def test_when_no_format_asked_for_can_express_the_model_nothing_is_written(tmp_path):
+    from mann_edge.errors import ConversionError
+
+    with pytest.raises(ConversionError, match=r"cannot express layer 'deep'"):
+        mann_edge.convert(_rank6_model(), tmp_path / "o", formats=["coreml"])
+    assert not (tmp_path / "o").exists()
