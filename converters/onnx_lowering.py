@@ -401,9 +401,14 @@ def _embedding(g, node, inputs):
     if not kind.startswith("int"):
         ids, kind = g.op("Cast", [ids], to=g.helper.np_dtype_to_tensor_dtype(np.dtype("int64"))), "int64"
     # Gather would read a negative id from the end; send it out of range so that it is refused, as the reference
-    # does: id - min(id, 0) * (vocab + 1) is id for id >= 0 and -id * vocab >= vocab below, in ops NNAPI and
-    # Core ML's execution provider take (Less/Where they do not).
-    ids = g.op("Sub", [ids, g.op("Mul", [g.op("Min", [ids, g.const(0, kind)]), g.const(vocab + 1, kind)])])
+    # does: id + (vocab + 1) * -min(id, 0) is id for id >= 0 and -id * vocab >= vocab below. For int32 ids (Keras's)
+    # -min(id, 0) is relu(-id), which the mobile execution providers take (NNAPI and Core ML take neither Less/Where
+    # nor an integer Min); onnxruntime's CPU Relu has no int64 kernel, so other ids use Min.
+    if kind == "int32":
+        below = g.op("Relu", [g.op("Sub", [g.const(0, kind), ids])])
+    else:
+        below = g.op("Sub", [g.const(0, kind), g.op("Min", [ids, g.const(0, kind)])])
+    ids = g.op("Add", [ids, g.op("Mul", [below, g.const(vocab + 1, kind)])])
     return g.op("Gather", [table, ids], axis=0)
 
 
@@ -461,14 +466,31 @@ def _reduce(g, node, x, op_type):
     return g.op(op_type, [x], axes=[int(a) for a in node.attrs["axes"]], keepdims=int(bool(node.attrs.get("keepdims", False))))
 
 
+def _global_pool(g, node, x, pool: str, reduce: str) -> str:
+    """A pool over every spatial axis of a channels-last tensor as ONNX's global pool, other axes as a reduction.
+
+    The mobile execution providers (NNAPI, Core ML) take GlobalMaxPool/GlobalAveragePool over an
+    image, not ReduceMax (nor, Core ML, ReduceMean): a sequence pools as a one-column image.
+    """
+    rank = len(g.shape(x))
+    if sorted(int(a) for a in node.attrs["axes"]) != list(range(1, rank - 1)) or rank > 4:
+        return _reduce(g, node, x, reduce)
+    y = _nchw(g, x, rank)
+    if rank == 3:
+        y = g.op("Reshape", [y, g.const([0, 0, -1, 1], "int64")])
+    y = g.op(pool, [y])
+    keep = [0, *[1] * (rank - 2), -1] if node.attrs.get("keepdims", False) else [0, -1]
+    return g.op("Reshape", [y, g.const(keep, "int64")])
+
+
 @LOWERINGS.register("global_avg_pool")
 def _global_avg_pool(g, node, inputs):
-    return _reduce(g, node, inputs[0], "ReduceMean")
+    return _global_pool(g, node, inputs[0], "GlobalAveragePool", "ReduceMean")
 
 
 @LOWERINGS.register("global_max_pool")
 def _global_max_pool(g, node, inputs):
-    return _reduce(g, node, inputs[0], "ReduceMax")
+    return _global_pool(g, node, inputs[0], "GlobalMaxPool", "ReduceMax")
 
 
 # -- ops: shape and wiring -----------------------------------------------------------------------

@@ -472,3 +472,19 @@ def test_a_raw_onnxruntime_session_refuses_a_negative_id_instead_of_reading_from
         ids[0, 3] = bad
         with pytest.raises(Exception, match=r"(?i)out of (range|bounds)|indices"):
             session.run(None, {"tokens": ids})
+
+
+@pytest.mark.parametrize("dtype", ["int64", "float32"])
+def test_negative_ids_of_other_dtypes_are_refused_by_a_raw_session_too(dtype, tmp_path):
+    import keras
+
+    tokens = keras.Input((4,), dtype=dtype, name="tokens")
+    model = keras.Model(tokens, keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Embedding(7, 3)(tokens))))
+    path = onnx_export.export(mann_edge.compact(model), tmp_path / "onnx")
+    (file,) = _files(path)
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    ids = np.zeros((1, 4), dtype)
+    session.run(None, {"tokens": ids})
+    ids[0, 1] = -1
+    with pytest.raises(Exception, match=r"(?i)out of (range|bounds)|indices"):
+        session.run(None, {"tokens": ids})

@@ -114,10 +114,12 @@ def test_fixed_shapes_let_the_mobile_providers_take_the_sample_tasks(tmp_path):
         coverage = _coverage(file)
         assert set(coverage) == {"NNAPI", "CoreML NeuralNetwork"}, coverage
         assert all(taken == total for taken, total in coverage.values()), (task, coverage)
-    # token ids: the embedding's guard against negative ids is made of ops NNAPI takes (Min, Mul, Sub; not Less/Where)
-    text = convert(samples.sample_path("vision_text"), tmp_path / "text", formats=["onnx"], options={"onnx": {"batch": 1}})
-    coverage = _coverage(onnx_export.task_files(text.artifacts["onnx"])["sentiment"])
-    assert coverage["NNAPI"][0] == coverage["NNAPI"][1], coverage
+    # token ids (the embedding's guard against negative ids, in ops both providers take) and global pools over a
+    # sequence (GlobalMaxPool over a one-column image, not ReduceMax): every node of both text tasks
+    for name, task in (("vision_text", "sentiment"), ("vision_sequence", "sentiment")):
+        text = convert(samples.sample_path(name), tmp_path / name, formats=["onnx"], options={"onnx": {"batch": 1}})
+        coverage = _coverage(onnx_export.task_files(text.artifacts["onnx"])[task])
+        assert all(taken == total for taken, total in coverage.values()), (name, task, coverage)
     free = convert(samples.sample_path("vision_tabular"), tmp_path / "free", formats=["onnx"])
     file = onnx_export.task_files(free.artifacts["onnx"])["digits"]
     assert _coverage(file)["NNAPI"][0] == 0  # a dynamic batch dimension: nothing for NNAPI
