@@ -40,7 +40,7 @@ import numpy as np
 from mann_edge.converters.metadata import manifest_text, task_manifest_text
 from mann_edge.converters.onnx_lowering import ACTIVATION_LOWERINGS, LOWERINGS, OWNER, build_task_model, check_lowerings
 from mann_edge.converters.lowering import bitmask_nbytes, encode_bitmask
-from mann_edge.converters.options import check_bool, check_dtype, check_names, read_arrays, task_arrays
+from mann_edge.converters.options import check_batch, check_bool, check_dtype, check_names, read_arrays, task_arrays
 from mann_edge.converters.validation import DEFAULT_BATCHES, ValidationReport, compare, scaled_atol, tolerances
 from mann_edge.errors import ConversionError
 from mann_edge.files import atomic_output, file_stems
@@ -78,9 +78,7 @@ def check_options(*, dtype: str = "float32", **options) -> None:
         ConversionError: ONNX export takes dtype 'float32' or 'float16'. Received: 'int8'
     """
     check_names(options, ["sparse", "calibration", "batch"], owner=OWNER)
-    batch = options.get("batch")
-    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
-        raise ConversionError(f"{OWNER} option `batch` must be a positive int (or None: free). Received: batch={batch!r}")
+    check_batch(options.get("batch"), owner=OWNER)
     check_dtype(FORMAT, dtype, owner=OWNER)
     check_bool("sparse", options.get("sparse", True), owner=OWNER)
     calibrated = options.get("calibration") is not None

@@ -67,6 +67,12 @@ def check_bool(name: str, value: Any, *, owner: str) -> None:
         raise ConversionError(f"{owner} option `{name}` must be True or False. Received: {name}={value!r}")
 
 
+def check_batch(batch: Any, *, owner: str) -> None:
+    """ConversionError unless ``batch`` (the fixed batch size of an export's inputs) is a positive int or None (free)."""
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise ConversionError(f"{owner} option `batch` must be a positive int (or None: free). Received: batch={batch!r}")
+
+
 def _alternatives(values: Sequence[str]) -> str:
     quoted = [repr(value) for value in values]
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"

@@ -83,11 +83,12 @@ class LoweringOptions:
     block_align: int = 0
 
 
-def build_module(model: CompactModel, dtype: str = "float32", *, block_align: bool = False) -> tf.Module:
+def build_module(model: CompactModel, dtype: str = "float32", *, block_align: bool = False,
+                 batch: int | None = None) -> tf.Module:
     """A `tf.Module` whose ``functions[task name]`` runs that task; weights are constants.
 
     Each function takes the task's inputs (signature names = input names, batch dimension
-    None) and returns ``{output name: tensor}``. Weights are dense: constants, or
+    ``batch``, None: free) and returns ``{output name: tensor}``. Weights are dense: constants, or
     non-trainable variables (``module.variables_by_key``) from 65,536 elements on.
     ``dtype="float16"`` rounds their values to float16 (they stay float32, so the
     converter's float16 encoding is lossless); ``dtype="int8"`` leaves them float32 (the
@@ -109,7 +110,7 @@ def build_module(model: CompactModel, dtype: str = "float32", *, block_align: bo
     weights = {key: _dense_weight(model.dense_weight(key), dtype) for key in model.weights}
     module = tf.Module()
     module.variables_by_key = {key: w for key, w in weights.items() if isinstance(w, tf.Variable)}
-    module.functions = {task.name: _task_function(model, task, weights, options) for task in model.tasks}
+    module.functions = {task.name: _task_function(model, task, weights, options, batch) for task in model.tasks}
     return module
 
 
@@ -120,9 +121,11 @@ def _dense_weight(weight: np.ndarray, dtype: str) -> Weight:
     return tf.Variable(weight, trainable=False) if weight.size >= _VARIABLE_MIN_ELEMENTS else weight
 
 
-def _task_function(model: CompactModel, task: Task, weights: Mapping[str, Weight], options: LoweringOptions):
+def _task_function(model: CompactModel, task: Task, weights: Mapping[str, Weight], options: LoweringOptions,
+                   batch: int | None = None):
     nodes = model.task_nodes(task.name)
-    signature = [tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name) for spec in task.inputs]
+    signature = [tf.TensorSpec((batch, *spec.shape[1:]), tf.as_dtype(spec.dtype), name=spec.name)
+                 for spec in task.inputs]
 
     def run_task(*inputs):
         values = {spec.name: tensor for spec, tensor in zip(task.inputs, inputs)}

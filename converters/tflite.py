@@ -74,7 +74,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mann_edge.bundle import manifest_of
-from mann_edge.converters.options import check_bool, check_dtype, check_names, read_arrays, task_arrays
+from mann_edge.converters.options import check_batch, check_bool, check_dtype, check_names, read_arrays, task_arrays
 from mann_edge.converters.tf_lowering import (
     ACTIVATION_LOWERINGS,
     LOWERINGS,
@@ -90,7 +90,7 @@ from mann_edge.converters.validation import (
     scaled_atol,
     tolerances,
 )
-from mann_edge.errors import ConversionError, MannEdgeError
+from mann_edge.errors import ConversionError, InputError, MannEdgeError
 from mann_edge.formats import METADATA_DTYPE, METADATA_MANIFEST
 from mann_edge.files import atomic_output
 from mann_edge.graph.model import CompactModel
@@ -139,7 +139,7 @@ def check_options(*, dtype: str = "float32", **options) -> None:
     """ConversionError for a ``dtype`` or an `export` option the TFLite export would refuse; writes nothing.
 
     Options: ``sparse`` (a bool), ``calibration`` (data for dtype 'int8', required there and
-    nowhere else), ``int8_io`` (a bool, dtype 'int8' only). ``force`` is not an option: it
+    nowhere else), ``int8_io`` (a bool, dtype 'int8' only), ``batch`` (a positive int, or None). ``force`` is not an option: it
     says what to do with the output path.
 
     Example:
@@ -147,7 +147,8 @@ def check_options(*, dtype: str = "float32", **options) -> None:
         Traceback (most recent call last):
         ConversionError: TFLite export takes dtype 'float32', 'float16', 'int8' or 'int8_dynamic'. Received: 'int4'
     """
-    check_names(options, ["sparse", "calibration", "int8_io"], owner=OWNER)
+    check_names(options, ["sparse", "calibration", "int8_io", "batch"], owner=OWNER)
+    check_batch(options.get("batch"), owner=OWNER)
     check_dtype(FORMAT, dtype, owner=OWNER)
     check_bool("sparse", options.get("sparse", True), owner=OWNER)
     check_bool("int8_io", options.get("int8_io", False), owner=OWNER)
@@ -183,6 +184,7 @@ def export(
     sparse: bool = True,
     calibration: "str | os.PathLike | Mapping[str, np.ndarray] | None" = None,
     int8_io: bool = False,
+    batch: int | None = None,
     force: bool = False,
 ) -> Path:
     """Writes ``model`` as one ``.tflite`` file at ``path`` (atomically) and returns ``path``.
@@ -204,6 +206,8 @@ def export(
             reads its first `CALIBRATION_EXAMPLES` examples.
         int8_io: dtype 'int8' only: int8 input and output tensors (float ones otherwise);
             `LiteRTSession` quantizes float inputs and dequantizes outputs at the boundary.
+        batch: fix every input's batch dimension to this size (None: free); accelerator
+            delegates (NNAPI, GPU) plan static shapes. The file then runs that batch only.
         force: overwrite an existing ``path``.
 
     Raises:
@@ -219,9 +223,9 @@ def export(
         >>> export(cm, "model.tflite", dtype="int8", calibration="calibration.npz")
         PosixPath('model.tflite')
     """
-    check_options(dtype=dtype, sparse=sparse, calibration=calibration, int8_io=int8_io)
+    check_options(dtype=dtype, sparse=sparse, calibration=calibration, int8_io=int8_io, batch=batch)
     check_lowerings(model)
-    data = _calibration_inputs(model, calibration) if dtype == "int8" else None
+    data = _calibration_inputs(model, calibration, batch) if dtype == "int8" else None
     path = Path(path)
     metadata = {METADATA_MANIFEST: json.dumps(manifest_of(model)).encode(), METADATA_DTYPE: dtype.encode()}
     # Dynamic-range int8 is written dense: XNNPACK cannot prepare its weights behind DENSIFY and runs
@@ -229,7 +233,7 @@ def export(
     encode_sparse = sparse and dtype != "int8_dynamic"
     with atomic_output(path, force=force) as tmp:
         full_integer = {"calibration": data, "int8_io": int8_io} if dtype == "int8" else {}
-        flatbuffer = _convert(model, dtype=dtype, sparse=encode_sparse, **full_integer)
+        flatbuffer = _convert(model, dtype=dtype, sparse=encode_sparse, batch=batch, **full_integer)
         if encode_sparse:
             flatbuffer = densify_where_larger(flatbuffer)
         tmp.write_bytes(add_metadata(flatbuffer, metadata))
@@ -239,12 +243,23 @@ def export(
     return path
 
 
-def _calibration_inputs(model: CompactModel, calibration) -> dict[str, dict[str, np.ndarray]]:
-    """task -> its calibration inputs (at most `CALIBRATION_EXAMPLES` examples), checked against the model."""
+def _calibration_inputs(model: CompactModel, calibration, batch: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """task -> its calibration inputs (at most `CALIBRATION_EXAMPLES` examples), checked against the model.
+
+    With a fixed ``batch`` the converter takes whole batches: the examples are cut to a multiple of it.
+    """
     arrays = read_arrays(calibration, what="calibration data")
-    return {task: {name: array[:CALIBRATION_EXAMPLES]
-                   for name, array in task_arrays(model, task, arrays, what="calibration data").items()}
-            for task in model.task_names}
+    result = {}
+    for task in model.task_names:
+        given = task_arrays(model, task, arrays, what="calibration data")
+        count = min(CALIBRATION_EXAMPLES, len(next(iter(given.values()))))
+        if batch is not None:
+            if count < batch:
+                raise InputError(f"calibration data for task {task!r} holds {count} examples; an export with batch "
+                                 f"{batch} calibrates on whole batches and needs at least {batch}")
+            count -= count % batch
+        result[task] = {name: array[:count] for name, array in given.items()}
+    return result
 
 
 def _check_default_interpreter(model: CompactModel, written: Path, path: Path, data) -> None:
@@ -590,7 +605,8 @@ def _drop_tensors(model, subgraph_index: int, subgraph, dropped: set[int]) -> No
                 entry.tensorIndex = new[int(entry.tensorIndex)]
 
 
-def _convert(model: CompactModel, *, dtype: str, sparse: bool, calibration=None, int8_io: bool = False) -> bytes:
+def _convert(model: CompactModel, *, dtype: str, sparse: bool, calibration=None, int8_io: bool = False,
+             batch: int | None = None) -> bytes:
     """The converter's flatbuffer for ``model``: SavedModel in a temporary directory, then TFLiteConverter.
 
     ``calibration`` (task -> input arrays; dtype 'int8') becomes the converter's representative
@@ -599,7 +615,7 @@ def _convert(model: CompactModel, *, dtype: str, sparse: bool, calibration=None,
     import tensorflow as tf
 
     # both int8 kinds hand float32 weights to the converter, which quantizes them (block 16 for alignment)
-    module = build_module(model, "int8" if dtype in INT8_DTYPES else dtype, block_align=sparse)
+    module = build_module(model, "int8" if dtype in INT8_DTYPES else dtype, block_align=sparse, batch=batch)
     log: list[str] = []
     try:
         with _quiet() as log, tempfile.TemporaryDirectory(prefix="mann_edge_tflite_") as saved:
@@ -617,7 +633,7 @@ def _convert(model: CompactModel, *, dtype: str, sparse: bool, calibration=None,
                 optimizations.add(tf.lite.Optimize.DEFAULT)
             if dtype == "int8":  # full integer: every op int8, or the conversion fails naming it
                 optimizations.add(tf.lite.Optimize.DEFAULT)
-                converter.representative_dataset = lambda: _examples(calibration)
+                converter.representative_dataset = lambda: _examples(calibration, batch or 1)
                 converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
                 if int8_io:
                     converter.inference_input_type = tf.int8
@@ -630,11 +646,12 @@ def _convert(model: CompactModel, *, dtype: str, sparse: bool, calibration=None,
         raise _conversion_failure(model, error, log) from error
 
 
-def _examples(calibration: Mapping[str, Mapping[str, np.ndarray]]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """The converter's representative dataset: (signature key, one example's inputs), task after task."""
+def _examples(calibration: Mapping[str, Mapping[str, np.ndarray]],
+              batch: int = 1) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """The converter's representative dataset: (signature key, one batch of inputs), task after task."""
     for task, arrays in calibration.items():
-        for row in range(len(next(iter(arrays.values())))):
-            yield task, {name: array[row : row + 1] for name, array in arrays.items()}
+        for row in range(0, len(next(iter(arrays.values()))), batch):
+            yield task, {name: array[row : row + batch] for name, array in arrays.items()}
 
 
 def _conversion_failure(model: CompactModel, error: Exception, log: list[str]) -> ConversionError:

@@ -83,9 +83,10 @@ def cmd_convert(args) -> int:
     if args.int8_io:
         options["tflite"] = {"int8_io": True}
     if args.batch is not None:  # the formats with fixed input shapes among those asked for
-        fixed = [name for name in ("onnx", "ort") if name in args.to]
+        fixed = [name for name in args.to if FORMATS[name].fixed_batch]
         if not fixed:
-            raise MannEdgeError(f"--batch fixes the input shapes of the onnx and ort exports; --to asks for {args.to}")
+            takes = [name for name, fmt in FORMATS.items() if fmt.fixed_batch]
+            raise MannEdgeError(f"--batch fixes the input shapes of the {', '.join(takes)} exports; --to asks for {args.to}")
         for name in fixed:
             options.setdefault(name, {})["batch"] = args.batch
     result = convert(
@@ -176,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparse weights in each format's sparse encoding (default), dense, or auto: both measured "
                         "(batch 1, one thread, latency and peak memory), the sparse one kept when smaller and as fast")
     p.add_argument("--batch", type=int, metavar="N",
-                   help="fix the batch dimension of the onnx and ort exports to N (mobile execution providers, "
-                        "NNAPI and Core ML, take only static shapes; default: free)")
+                   help="fix the batch dimension of the tflite, onnx and ort exports to N (accelerator delegates "
+                        "and mobile execution providers, NNAPI and Core ML, plan static shapes; default: free)")
     p.add_argument("--coreml-target", type=nonempty, help="Core ML deployment target, e.g. macOS13 (default), iOS16, macOS15 (multifunction)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-verify", action="store_true", help="skip running each export against the compact model")

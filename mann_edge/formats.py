@@ -71,6 +71,8 @@ class Format:
         directory_marker: recognises a directory holding this format (besides the suffix).
         calibrated_dtypes: the dtypes whose export needs calibration data (representative
             inputs, one array per model input name: `convert(calibration=...)`).
+        fixed_batch: its export takes a ``batch`` option fixing the inputs' batch dimension
+            (`--batch N`: accelerators and mobile execution providers plan static shapes).
     """
 
     name: str
@@ -85,6 +87,7 @@ class Format:
     runs_on: tuple[str, ...] = ()
     directory_marker: Callable[[Path], bool] | None = None
     calibrated_dtypes: tuple[str, ...] = ()
+    fixed_batch: bool = False
 
     def recognises(self, path: Path) -> bool:
         """Whether ``path`` (an existing file or directory) holds this format, by its name or contents."""
@@ -124,20 +127,20 @@ FORMATS: dict[str, Format] = {
             # int8: full-integer (calibrated weights and activations); int8_dynamic: dynamic-range (int8 weights only)
             dtypes=("float32", "float16", "int8", "int8_dynamic"), runtime="LiteRT",
             runtime_module="ai_edge_litert.interpreter", session="mann_edge.runtime.litert:LiteRTSession",
-            converter="mann_edge.converters.tflite", calibrated_dtypes=("int8",),
+            converter="mann_edge.converters.tflite", calibrated_dtypes=("int8",), fixed_batch=True,
         ),
         Format(
             name="onnx", title="ONNX", suffix=".onnx", artifact="onnx",
             # int8: QDQ static quantization (int8 weights and activations), calibrated
             dtypes=("float32", "float16", "int8"), runtime="onnxruntime", runtime_module="onnxruntime",
             session="mann_edge.runtime.onnx:OnnxSession", converter="mann_edge.converters.onnx",
-            directory_marker=_holds("*.onnx"), calibrated_dtypes=("int8",),
+            directory_marker=_holds("*.onnx"), calibrated_dtypes=("int8",), fixed_batch=True,
         ),
         Format(
             name="ort", title="ORT format", suffix=".ort", artifact="ort",
             dtypes=("float32", "float16", "int8"), runtime="onnxruntime", runtime_module="onnxruntime",
             session="mann_edge.runtime.onnx:OnnxSession", converter="mann_edge.converters.ort",
-            directory_marker=_holds("*.ort"), calibrated_dtypes=("int8",),
+            directory_marker=_holds("*.ort"), calibrated_dtypes=("int8",), fixed_batch=True,
         ),
         Format(
             name="coreml", title="Core ML", suffix=".mlpackage", artifact="coreml",

@@ -132,6 +132,6 @@ def test_the_command_takes_ort_and_batch(tmp_path, capsys):
     assert sorted(p.name for p in (out / "ort").iterdir()) == ["cancer.ort", "digits.ort", "required_operators.config"]
     session = mann_edge.runtime.load(out / "ort")
     assert session.run("cancer", np.zeros((1, 30), "float32"))[0].shape == (1, 2)
-    assert main(["convert", str(samples.sample_path("vision_tabular")), "-o", str(tmp_path / "x"), "--to", "tflite",
+    assert main(["convert", str(samples.sample_path("vision_tabular")), "-o", str(tmp_path / "x"), "--to", "coreml",
                  "--batch", "1"]) == 1
-    assert "--batch fixes the input shapes of the onnx and ort exports" in capsys.readouterr().err
+    assert "--batch fixes the input shapes of the tflite, onnx, ort exports" in capsys.readouterr().err

@@ -179,7 +179,7 @@ def test_existing_outputs_are_kept_without_force(good_files, tmp_path, capsys):
 def test_interrupted_conversion_leaves_no_partial_file(good_files, tmp_path, monkeypatch, capsys):
     from mann_edge.converters import tflite
 
-    def fail_midway(model, *, dtype, sparse):
+    def fail_midway(model, **options):
         raise RuntimeError("simulated crash in the converter")
 
     monkeypatch.setattr(tflite, "_convert", fail_midway)

@@ -452,7 +452,7 @@ def test_check_options_refuses_what_export_would_and_writes_nothing(out):
     tflite.check_options(dtype="int8", sparse=False, calibration={"x": np.zeros((1, 4))}, int8_io=True)
     for options, message in (
         ({"dtype": "int4"}, r"TFLite export takes dtype 'float32', 'float16', 'int8' or 'int8_dynamic'. Received: 'int4'"),
-        ({"target": "macOS13"}, r"TFLite export takes options \['sparse', 'calibration', 'int8_io'\]. "
+        ({"target": "macOS13"}, r"TFLite export takes options \['sparse', 'calibration', 'int8_io', 'batch'\]. "
                                 r"Received unknown options: \['target'\]"),
         ({"dtype": "int8", "int8_io": "yes", "calibration": {}}, r"`int8_io` must be True or False"),
         ({"sparse": 1}, r"`sparse` must be True or False. Received: sparse=1"),
@@ -460,3 +460,28 @@ def test_check_options_refuses_what_export_would_and_writes_nothing(out):
         with pytest.raises(ConversionError, match=message):
             tflite.check_options(**options)
     assert sorted(out.iterdir()) == before
+
+
+def test_a_fixed_batch_export_has_static_input_shapes_and_calibrates_on_whole_batches(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mann_edge.converters.options import task_arrays
+    from mann_edge.errors import ConversionError, InputError
+
+    cm = mann_edge.compact(zoo.build_mixed())
+    path = tflite.export(cm, tmp_path / "b1.tflite", batch=1)
+    runner = Interpreter(model_path=str(path)).get_signature_runner("vision")
+    assert [list(d["shape_signature"]) for d in runner.get_input_details().values()] == [[1, 8, 8, 1]]
+    tflite.validate(cm, path).raise_for_errors()  # LiteRT resizes a static batch on the CPU: batch 8 runs too
+    rng = np.random.default_rng(0)
+    calibration = {spec.name: (rng.integers(0, zoo.VOCAB, (10, *spec.shape[1:])) if spec.dtype.startswith("int")
+                               else rng.normal(size=(10, *spec.shape[1:]))).astype(spec.dtype) for spec in cm.inputs}
+    int8 = tflite.export(cm, tmp_path / "b4.tflite", dtype="int8", calibration=calibration, batch=4)
+    runner = Interpreter(model_path=str(int8)).get_signature_runner("vision")
+    assert [list(d["shape_signature"]) for d in runner.get_input_details().values()] == [[4, 8, 8, 1]]
+    tflite.validate(cm, int8, inputs={t: task_arrays(cm, t, calibration, what="c") for t in cm.task_names},
+                    batches=(4,)).raise_for_errors()
+    with pytest.raises(InputError, match=r"calibration data for task 'vision' holds 10 examples; an export with batch 16"):
+        tflite.export(cm, tmp_path / "b16.tflite", dtype="int8", calibration=calibration, batch=16)
+    with pytest.raises(ConversionError, match=r"option `batch` must be a positive int"):
+        tflite.export(cm, tmp_path / "b0.tflite", batch=0)
