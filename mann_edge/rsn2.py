@@ -910,6 +910,23 @@ def check_model(model) -> None:
         )
 
 
+def _coupled_to_later_tasks(model, task: int, later: Sequence[int]) -> list[str]:
+    """Why training the ``later`` tasks changes task ``task``'s outputs: it reads their branches (not protected).
+
+    Through a layer whose outputs read every branch (`MultitaskNormalization`): RSN2 trains each
+    task on its own branch, so the earlier task keeps its weights but not its outputs.
+    """
+    usage = task_usage(model)
+    read_only = usage[task].reads - usage[task].layers
+    shared = sorted({name for later_task in later for name, slab in usage[later_task].layers
+                     if slab is not None and (name, slab) in read_only})
+    if not shared:
+        return []
+    return [f"reads later tasks' slabs of {shared} (through a layer that reads every branch, e.g. "
+            "MultitaskNormalization): training them changed this task's outputs after it was judged; its "
+            "figures are from before"]
+
+
 def _nested_masked_layers(model) -> list[str]:
     """RSN2 masks the model's own layers; a masked layer inside a nested model would train but never be pruned."""
     problems = []
@@ -1113,6 +1130,7 @@ def fit_rsn2(model, data: Mapping, *, sparsity=90, step=10, min_step: float = 2.
                                 protect=done, block_size=block_size, metric=metric, progress=say,
                                 batch_size=batch_size, loss=task_loss, optimizer=optimizer, seed=seed,
                                 learning_rate=prune_learning_rate or learning_rate, **settings)
+            report.warnings += _coupled_to_later_tasks(model, index, order[position + 1:])
             reports.append(report)
             done.append(index)
     summary = RSN2Report(reports)

@@ -220,3 +220,18 @@ def test_transformer_heads_serving_every_task_are_not_called_overlapping_masks()
     with warnings.catch_warnings():
         warnings.simplefilter("error", MaskOverlapWarning)
         mann_edge.compact(model, strict=True)  # the task slabs (multi_masked_dense_2) are disjoint
+
+
+def test_rsn2_says_when_a_later_task_changes_an_earlier_ones_outputs():
+    images, labels = _digits()
+    x = images.reshape(len(images), -1)[:300, :32]
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((32,), name="a_in"), keras.Input((32,), name="b_in")
+    p0, p1 = MultitaskNormalization()(MultiMaskedDense(4, activation="sigmoid")([a, b]))
+    model = keras.Model([a, b], [SelectorLayer(0, name="first")([p0, p1]), SelectorLayer(1, name="second")([p0, p1])])
+    data = {name: ({"a_in": x, "b_in": x}, labels[:300] % 4) for name in ("first", "second")}
+    report = rsn2.fit_rsn2(model, data, sparsity=50, step=50, tolerance=1.0, epochs=1, patience=1, final_epochs=0,
+                           verbose=False, loss="sparse_categorical_crossentropy")
+    first, second = report.tasks
+    assert any("reads later tasks' slabs" in w and "multi_masked_dense" in w for w in first.warnings)
+    assert not any("reads later tasks' slabs" in w for w in second.warnings)  # nothing trains after it
