@@ -308,60 +308,33 @@ def _dense(b: ProgramBuilder, node: Node, inputs):
     return b.activation(y, node.attrs.get("activation"))
 
 
-@LOWERINGS.register("conv2d")
-def _conv2d(b: ProgramBuilder, node: Node, inputs):
+def _conv(b: ProgramBuilder, node: Node, x, weight, taps: tuple, groups: int = 1):
+    """MIL conv over the spatial axes of channels-last ``x``: ``weight`` in MIL's (out, in / groups, *taps)
+    layout, the node's bias, strides, dilation, TensorFlow padding and activation."""
     mb = _mb()
-    (x,) = inputs
-    kh, kw = b.model.weights[node.weights["kernel"]].shape[:2]
     strides = list(node.attrs["strides"])
-    dilation = list(node.attrs.get("dilation", (1, 1)))
-    pads = _spatial_pads(node, x, (kh, kw), strides, dilation)
+    dilation = list(node.attrs.get("dilation", (1,) * len(taps)))
     options = {"bias": b.weight(node.weights["bias"])} if "bias" in node.weights else {}
-    y = mb.conv(
-        x=_nhwc_to_nchw(x),
-        weight=b.weight(node.weights["kernel"], lambda w: w.transpose(3, 2, 0, 1)),  # (cout, cin, kh, kw)
-        strides=strides,
-        dilations=dilation,
-        pad_type="custom",
-        pad=pads,
-        **options,
-    )
+    if groups != 1:
+        options["groups"] = groups
+    y = mb.conv(x=_nhwc_to_nchw(x), weight=weight, strides=strides, dilations=dilation, pad_type="custom",
+                pad=_spatial_pads(node, x, taps, strides, dilation), **options)
     return b.activation(_nchw_to_nhwc(y), node.attrs.get("activation"))
 
 
-@LOWERINGS.register("conv3d")
-def _conv3d(b: ProgramBuilder, node: Node, inputs):
-    mb = _mb()
-    (x,) = inputs
-    taps = b.model.weights[node.weights["kernel"]].shape[:3]
-    strides = list(node.attrs["strides"])
-    dilation = list(node.attrs.get("dilation", (1, 1, 1)))
-    options = {"bias": b.weight(node.weights["bias"])} if "bias" in node.weights else {}
-    y = mb.conv(
-        x=_nhwc_to_nchw(x),
-        weight=b.weight(node.weights["kernel"], lambda w: w.transpose(4, 3, 0, 1, 2)),  # (cout, cin, kd, kh, kw)
-        strides=strides,
-        dilations=dilation,
-        pad_type="custom",
-        pad=_spatial_pads(node, x, taps, strides, dilation),
-        **options,
-    )
-    return b.activation(_nchw_to_nhwc(y), node.attrs.get("activation"))
+@LOWERINGS.register("conv2d", "conv3d")
+def _convolution(b: ProgramBuilder, node: Node, inputs):
+    taps = b.model.weights[node.weights["kernel"]].shape[:-2]
+    perm = (len(taps) + 1, len(taps), *range(len(taps)))  # (*taps, cin, cout) -> (cout, cin, *taps)
+    return _conv(b, node, inputs[0], b.weight(node.weights["kernel"], lambda w: w.transpose(perm)), tuple(taps))
 
 
 @LOWERINGS.register("depthwise_conv2d")
 def _depthwise_conv2d(b: ProgramBuilder, node: Node, inputs):
-    mb = _mb()
-    (x,) = inputs
     kh, kw, cin, multiplier = b.model.weights[node.weights["kernel"]].shape
-    strides = list(node.attrs["strides"])
-    dilation = list(node.attrs.get("dilation", (1, 1)))
-    options = {"bias": b.weight(node.weights["bias"])} if "bias" in node.weights else {}
     # (kh, kw, cin, m) -> (cin * m, 1, kh, kw): group c holds output channels c * m .. c * m + m - 1
     weight = b.weight(node.weights["kernel"], lambda w: w.transpose(2, 3, 0, 1).reshape(cin * multiplier, 1, kh, kw))
-    y = mb.conv(x=_nhwc_to_nchw(x), weight=weight, strides=strides, dilations=dilation, groups=int(cin),
-                pad_type="custom", pad=_spatial_pads(node, x, (kh, kw), strides, dilation), **options)
-    return b.activation(_nchw_to_nhwc(y), node.attrs.get("activation"))
+    return _conv(b, node, inputs[0], weight, (kh, kw), groups=int(cin))
 
 
 def _pool(b: ProgramBuilder, node: Node, x, kind: str):

@@ -320,57 +320,39 @@ def _dense(g, node, inputs):
     return _activate(g, node, y, (*g.shape(x)[:-1], units))
 
 
-@LOWERINGS.register("conv2d")
-def _conv2d(g, node, inputs):
-    (x,) = inputs
-    kh, kw, _, cout = g.model.weights[node.weights["kernel"]].shape
-    height, width, _ = _static(g.shape(x), "conv2d")
+def _conv(g, node, x: str, kernel: str, taps: tuple, channels: int, group: int = 1) -> str:
+    """ONNX Conv over the spatial axes of channels-last ``x``: ``kernel`` in ONNX's (out, in / group, *taps)
+    layout, the node's bias, strides, dilation, TensorFlow padding and activation; ``channels`` out."""
+    rank = len(taps) + 2
+    spatial = _static(g.shape(x), node.op)[:len(taps)]
     strides = tuple(node.attrs["strides"])
-    dilation = tuple(node.attrs.get("dilation", (1, 1)))
-    kernel = g.op("Transpose", [g.weight(node.weights["kernel"])], perm=[3, 2, 0, 1])  # folded at load
-    conv_inputs = [_nchw(g, g.as_float(x)), kernel]
+    dilation = tuple(node.attrs.get("dilation", (1,) * len(taps)))
+    conv_inputs = [_nchw(g, g.as_float(x), rank), kernel]
     if "bias" in node.weights:
         conv_inputs.append(g.weight(node.weights["bias"]))
-    y = g.op("Conv", conv_inputs, kernel_shape=[kh, kw], strides=list(strides), dilations=list(dilation),
-             pads=_pads(node, (height, width), (kh, kw), strides, dilation))
-    spatial = output_sizes(node.attrs["padding"], (height, width), (kh, kw), strides, dilation)
-    return _activate(g, node, _nhwc(g, y), (None, *spatial, cout))
-
-
-@LOWERINGS.register("conv3d")
-def _conv3d(g, node, inputs):
-    (x,) = inputs
-    *taps, _, cout = g.model.weights[node.weights["kernel"]].shape
-    spatial = _static(g.shape(x), "conv3d")[:3]
-    strides = tuple(node.attrs["strides"])
-    dilation = tuple(node.attrs.get("dilation", (1, 1, 1)))
-    kernel = g.op("Transpose", [g.weight(node.weights["kernel"])], perm=[4, 3, 0, 1, 2])  # folded at load
-    conv_inputs = [_nchw(g, g.as_float(x), 5), kernel]
-    if "bias" in node.weights:
-        conv_inputs.append(g.weight(node.weights["bias"]))
+    grouped = {"group": group} if group != 1 else {}
     y = g.op("Conv", conv_inputs, kernel_shape=list(taps), strides=list(strides), dilations=list(dilation),
-             pads=_pads(node, spatial, taps, strides, dilation))
+             **grouped, pads=_pads(node, spatial, taps, strides, dilation))
     out = output_sizes(node.attrs["padding"], spatial, taps, strides, dilation)
-    return _activate(g, node, _nhwc(g, y, 5), (None, *out, cout))
+    return _activate(g, node, _nhwc(g, y, rank), (None, *out, channels))
+
+
+@LOWERINGS.register("conv2d", "conv3d")
+def _convolution(g, node, inputs):
+    *taps, _, cout = g.model.weights[node.weights["kernel"]].shape
+    # (*taps, cin, cout) -> (cout, cin, *taps); folded at load
+    perm = [len(taps) + 1, len(taps), *range(len(taps))]
+    kernel = g.op("Transpose", [g.weight(node.weights["kernel"])], perm=perm)
+    return _conv(g, node, inputs[0], kernel, tuple(taps), cout)
 
 
 @LOWERINGS.register("depthwise_conv2d")
 def _depthwise_conv2d(g, node, inputs):
-    (x,) = inputs
     kh, kw, cin, multiplier = g.model.weights[node.weights["kernel"]].shape
-    height, width, _ = _static(g.shape(x), "depthwise_conv2d")
-    strides = tuple(node.attrs["strides"])
-    dilation = tuple(node.attrs.get("dilation", (1, 1)))
     # (kh, kw, cin, m) -> (cin * m, 1, kh, kw): group c holds output channels c * m .. c * m + m - 1; folded at load
     kernel = g.op("Transpose", [g.weight(node.weights["kernel"])], perm=[2, 3, 0, 1])
     kernel = g.op("Reshape", [kernel, g.const([cin * multiplier, 1, kh, kw], "int64")])
-    conv_inputs = [_nchw(g, g.as_float(x)), kernel]
-    if "bias" in node.weights:
-        conv_inputs.append(g.weight(node.weights["bias"]))
-    y = g.op("Conv", conv_inputs, kernel_shape=[kh, kw], strides=list(strides), dilations=list(dilation),
-             group=int(cin), pads=_pads(node, (height, width), (kh, kw), strides, dilation))
-    spatial = output_sizes(node.attrs["padding"], (height, width), (kh, kw), strides, dilation)
-    return _activate(g, node, _nhwc(g, y), (None, *spatial, cin * multiplier))
+    return _conv(g, node, inputs[0], kernel, (kh, kw), cin * multiplier, group=int(cin))
 
 
 @LOWERINGS.register("attention")
