@@ -173,39 +173,47 @@ def _load4(typingctx, array, start):
 
 
 @intrinsic
-def _block_start(typingctx, columns, k):
-    """``4 * columns[k]``, the first input of block ``k``, as intp; no bounds check.
+def _index(typingctx, indices, k):
+    """``indices[k]`` (unsigned) widened to intp; no bounds check.
 
-    numba's own ``columns[k]`` adds a negative-index fix-up to every load of a signed
-    ``k``, which costs as much as the block's arithmetic.
+    numba's own ``indices[k]`` adds a negative-index fix-up to every load of a signed ``k``,
+    which costs as much as a block's arithmetic.
     """
-    if not isinstance(columns, types.Array) or not isinstance(columns.dtype, types.Integer):
+    if not isinstance(indices, types.Array) or not isinstance(indices.dtype, types.Integer):
         return None
 
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
-        index = builder.zext(builder.load(builder.gep(data, [args[1]])), ir.IntType(64))
-        return builder.shl(index, ir.Constant(ir.IntType(64), 2))
+        return builder.zext(builder.load(builder.gep(data, [args[1]])), ir.IntType(64))
 
-    return types.intp(columns, types.intp), codegen
+    return types.intp(indices, types.intp), codegen
+
+
+_LANE_TYPES = (_Lanes4, _Lanes8)
 
 
 @intrinsic
-def _madd4(typingctx, acc, a, b):
-    """``acc + a * b`` lane by lane (a multiply then an add, as the scalar kernels round)."""
+def _madd(typingctx, acc, a, b):
+    """``acc + a * b`` lane by lane, four or eight lanes (a multiply then an add, as the scalar kernels round)."""
+    if not isinstance(acc, _LANE_TYPES) or a != acc or b != acc:
+        return None
 
     def codegen(context, builder, signature, args):
         return builder.fadd(args[0], builder.fmul(args[1], args[2]))
 
-    return _LANES4(_LANES4, _LANES4, _LANES4), codegen
+    return acc(acc, acc, acc), codegen
 
 
 @intrinsic
-def _add4(typingctx, a, b):
+def _add(typingctx, a, b):
+    """``a + b`` lane by lane, four or eight lanes."""
+    if not isinstance(a, _LANE_TYPES) or b != a:
+        return None
+
     def codegen(context, builder, signature, args):
         return builder.fadd(args[0], args[1])
 
-    return _LANES4(_LANES4, _LANES4), codegen
+    return a(a, a), codegen
 
 
 @intrinsic
@@ -223,15 +231,15 @@ def _block_row_dot(indptr, columns, values, x, i):
     k, end = indptr[i], indptr[i + 1]
     a0 = a1 = a2 = a3 = _zero4()
     while k + 4 <= end:
-        a0 = _madd4(a0, _load4(values, 4 * k), _load4(x, _block_start(columns, k)))
-        a1 = _madd4(a1, _load4(values, 4 * k + 4), _load4(x, _block_start(columns, k + 1)))
-        a2 = _madd4(a2, _load4(values, 4 * k + 8), _load4(x, _block_start(columns, k + 2)))
-        a3 = _madd4(a3, _load4(values, 4 * k + 12), _load4(x, _block_start(columns, k + 3)))
+        a0 = _madd(a0, _load4(values, 4 * k), _load4(x, 4 * _index(columns, k)))
+        a1 = _madd(a1, _load4(values, 4 * k + 4), _load4(x, 4 * _index(columns, k + 1)))
+        a2 = _madd(a2, _load4(values, 4 * k + 8), _load4(x, 4 * _index(columns, k + 2)))
+        a3 = _madd(a3, _load4(values, 4 * k + 12), _load4(x, 4 * _index(columns, k + 3)))
         k += 4
     while k < end:
-        a0 = _madd4(a0, _load4(values, 4 * k), _load4(x, _block_start(columns, k)))
+        a0 = _madd(a0, _load4(values, 4 * k), _load4(x, 4 * _index(columns, k)))
         k += 1
-    return _sum4(_add4(_add4(a0, a1), _add4(a2, a3)))
+    return _sum4(_add(_add(a0, a1), _add(a2, a3)))
 
 
 @numba.njit(cache=_CACHE, nogil=True)
@@ -321,7 +329,7 @@ def _block_row_tiles(indptr, columns, values, xt, batch, bias, relu, out, i):
         acc0 = acc1 = _splat8(bias[i])
         for k in range(start, end):
             v = _load4(values, 4 * k)
-            c = _block_start(columns, k) * batch + t
+            c = 4 * _index(columns, k) * batch + t
             acc0 = _block_axpy8(acc0, v, _load8(xt, c), _load8(xt, c + batch), _load8(xt, c + 2 * batch),
                                 _load8(xt, c + 3 * batch))
             if two:
@@ -378,7 +386,7 @@ _PTRX8 = ir.VectorType(ir.FloatType().as_pointer(), 8)
 
 
 @intrinsic
-def _gather_madd8(typingctx, acc, values, indices, x, k):
+def _gather_madd(typingctx, acc, values, indices, x, k):
     """``acc + values[k:k+8] * x[indices[k:k+8]]`` lane by lane, the eight inputs fetched by one gather.
 
     A CSR row costs three dependent scalar loads per nonzero; a slice of eight rows stored
@@ -421,14 +429,6 @@ def _gather_madd8(typingctx, acc, values, indices, x, k):
 
 
 @intrinsic
-def _add8(typingctx, a, b):
-    def codegen(context, builder, signature, args):
-        return builder.fadd(args[0], args[1])
-
-    return _LANES8(_LANES8, _LANES8), codegen
-
-
-@intrinsic
 def _lane8(typingctx, lanes, j):
     """Lane ``j`` of eight."""
     def codegen(context, builder, signature, args):
@@ -443,12 +443,12 @@ def _sell_slice(sptr, indices, values, perm, x, bias, relu, out, s):
     k, end = sptr[s], sptr[s + 1]
     a = b = _splat8(np.float32(0.0))
     while k + 2 * LANES <= end:
-        a = _gather_madd8(a, values, indices, x, k)
-        b = _gather_madd8(b, values, indices, x, k + LANES)
+        a = _gather_madd(a, values, indices, x, k)
+        b = _gather_madd(b, values, indices, x, k + LANES)
         k += 2 * LANES
     if k < end:
-        a = _gather_madd8(a, values, indices, x, k)
-    a = _add8(a, b)
+        a = _gather_madd(a, values, indices, x, k)
+    a = _add(a, b)
     for j in range(LANES):
         row = perm[s * LANES + j]
         if row >= 0:
@@ -465,29 +465,6 @@ def _sell_matvec_serial(sptr, indices, values, perm, x, bias, relu, out):
 def _sell_matvec_parallel(sptr, indices, values, perm, x, bias, relu, out):
     for s in prange(sptr.size - 1):
         _sell_slice(sptr, indices, values, perm, x, bias, relu, out, s)
-
-
-@intrinsic
-def _column8(typingctx, indices, k):
-    """``indices[k]`` widened to intp; no bounds check (numba's own adds a negative-index fix-up to each load)."""
-    if not isinstance(indices, types.Array) or not isinstance(indices.dtype, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
-        return builder.zext(builder.load(builder.gep(data, [args[1]])), ir.IntType(64))
-
-    return types.intp(indices, types.intp), codegen
-
-
-@intrinsic
-def _madd8(typingctx, acc, a, b):
-    """``acc + a * b`` lane by lane (a multiply then an add, as the scalar kernels round)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.fadd(args[0], builder.fmul(args[1], args[2]))
-
-    return _LANES8(_LANES8, _LANES8, _LANES8), codegen
 
 
 @numba.njit(cache=_CACHE, nogil=True, inline="always")
@@ -509,41 +486,41 @@ def _sell_row_tiles(sptr, indices, values, perm, lengths, xt, batch, bias, relu,
         k, j = first, 0
         while j + 2 <= count:
             v, w = _splat8(_value(values, k)), _splat8(_value(values, k + LANES))
-            c, d = _column8(indices, k) * batch + t, _column8(indices, k + LANES) * batch + t
-            a0 = _madd8(a0, v, _load8(xt, c))
-            b0 = _madd8(b0, w, _load8(xt, d))
+            c, d = _index(indices, k) * batch + t, _index(indices, k + LANES) * batch + t
+            a0 = _madd(a0, v, _load8(xt, c))
+            b0 = _madd(b0, w, _load8(xt, d))
             if tiles > 1:
-                a1 = _madd8(a1, v, _load8(xt, c + 8))
-                b1 = _madd8(b1, w, _load8(xt, d + 8))
+                a1 = _madd(a1, v, _load8(xt, c + 8))
+                b1 = _madd(b1, w, _load8(xt, d + 8))
             if tiles > 2:
-                a2 = _madd8(a2, v, _load8(xt, c + 16))
-                b2 = _madd8(b2, w, _load8(xt, d + 16))
+                a2 = _madd(a2, v, _load8(xt, c + 16))
+                b2 = _madd(b2, w, _load8(xt, d + 16))
             if tiles > 3:
-                a3 = _madd8(a3, v, _load8(xt, c + 24))
-                b3 = _madd8(b3, w, _load8(xt, d + 24))
+                a3 = _madd(a3, v, _load8(xt, c + 24))
+                b3 = _madd(b3, w, _load8(xt, d + 24))
             k += 2 * LANES
             j += 2
         if j < count:
             v = _splat8(_value(values, k))
-            c = _column8(indices, k) * batch + t
-            a0 = _madd8(a0, v, _load8(xt, c))
+            c = _index(indices, k) * batch + t
+            a0 = _madd(a0, v, _load8(xt, c))
             if tiles > 1:
-                a1 = _madd8(a1, v, _load8(xt, c + 8))
+                a1 = _madd(a1, v, _load8(xt, c + 8))
             if tiles > 2:
-                a2 = _madd8(a2, v, _load8(xt, c + 16))
+                a2 = _madd(a2, v, _load8(xt, c + 16))
             if tiles > 3:
-                a3 = _madd8(a3, v, _load8(xt, c + 24))
+                a3 = _madd(a3, v, _load8(xt, c + 24))
         o = row * batch + t
-        a0 = _add8(a0, b0)
+        a0 = _add(a0, b0)
         _store8(out, o, _relu8(a0) if relu else a0)
         if tiles > 1:
-            a1 = _add8(a1, b1)
+            a1 = _add(a1, b1)
             _store8(out, o + 8, _relu8(a1) if relu else a1)
         if tiles > 2:
-            a2 = _add8(a2, b2)
+            a2 = _add(a2, b2)
             _store8(out, o + 16, _relu8(a2) if relu else a2)
         if tiles > 3:
-            a3 = _add8(a3, b3)
+            a3 = _add(a3, b3)
             _store8(out, o + 24, _relu8(a3) if relu else a3)
         t += 8 * tiles
 
