@@ -57,7 +57,7 @@ from mann_edge.errors import ConversionError
 from mann_edge.files import atomic_output
 from mann_edge.formats import FORMATS
 from mann_edge.graph.model import CompactModel
-from mann_edge.runtime.onnx import ORT_SUFFIX, OnnxSession
+from mann_edge.runtime.onnx import ORT_SUFFIX, OnnxSession, read_ort_model
 
 __all__ = [
     "LOWERINGS",
@@ -212,11 +212,8 @@ def sparse_layers(path: "str | os.PathLike") -> tuple[int, int]:
         >>> sparse_layers("out/ort")
         (0, 8)
     """
-    import onnxruntime.tools.ort_format_model  # noqa: F401  (puts its flatbuffer classes on sys.path)
-    from ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
+    def weight_ops(model) -> int:
+        graph = model.Graph()
+        return sum(graph.Nodes(i).OpType().decode() in _WEIGHT_OPS for i in range(graph.NodesLength()))
 
-    count = 0
-    for file in task_files(path).values():
-        graph = InferenceSession.GetRootAs(file.read_bytes(), 0).Model().Graph()
-        count += sum(graph.Nodes(i).OpType().decode() in _WEIGHT_OPS for i in range(graph.NodesLength()))
-    return 0, count
+    return 0, sum(read_ort_model(file, weight_ops) for file in task_files(path).values())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -40,6 +41,7 @@ __all__ = [
     "SUFFIX",
     "ORT_SUFFIX",
     "read_ort_metadata",
+    "read_ort_model",
     "fixed_batch",
     "read_metadata",
     "read_manifest",
@@ -143,12 +145,12 @@ def read_metadata(path: "str | os.PathLike") -> dict[str, str]:
     return metadata
 
 
-def read_ort_metadata(path: "str | os.PathLike") -> dict[str, str]:
-    """The ``metadata_props`` of an ORT-format model file (key -> value), read from its flatbuffer.
+def read_ort_model(path: "str | os.PathLike", read: Callable):
+    """``read(model)`` of the Model table of an ORT-format file's flatbuffer, or a MannEdgeError naming the file.
 
     Example:
-        >>> read_ort_metadata("out/ort/digits.ort")["mann_edge_task"]
-        'digits'
+        >>> read_ort_model("out/ort/digits.ort", lambda model: model.Graph().NodesLength()) > 0
+        True
     """
     import onnxruntime.tools.ort_format_model  # noqa: F401  (puts its flatbuffer classes on sys.path)
     from ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
@@ -160,11 +162,23 @@ def read_ort_metadata(path: "str | os.PathLike") -> dict[str, str]:
     if len(data) < 8 or not InferenceSession.InferenceSessionBufferHasIdentifier(data, 0):
         raise MannEdgeError(f"{path} is not an ORT-format model: expected the flatbuffer file identifier b'ORTM'")
     try:
-        model = InferenceSession.GetRootAs(data, 0).Model()
-        entries = [model.MetadataProps(i) for i in range(model.MetadataPropsLength())] if model else []
-        return {entry.Key().decode(): entry.Value().decode() for entry in entries}
+        return read(InferenceSession.GetRootAs(data, 0).Model())
     except Exception as error:  # a corrupt flatbuffer fails anywhere while being walked
         raise MannEdgeError(f"{path} is not a readable ORT-format model ({type(error).__name__}: {error})") from None
+
+
+def read_ort_metadata(path: "str | os.PathLike") -> dict[str, str]:
+    """The ``metadata_props`` of an ORT-format model file (key -> value), read from its flatbuffer.
+
+    Example:
+        >>> read_ort_metadata("out/ort/digits.ort")["mann_edge_task"]
+        'digits'
+    """
+    def metadata(model) -> dict[str, str]:
+        entries = [model.MetadataProps(i) for i in range(model.MetadataPropsLength())] if model else []
+        return {entry.Key().decode(): entry.Value().decode() for entry in entries}
+
+    return read_ort_model(path, metadata)
 
 
 def read_manifest(path: "str | os.PathLike") -> tuple[dict, dict[str, str]]:
