@@ -150,23 +150,22 @@ class CSRWeight:
             raise ValueError(
                 f"CSR indices and data must have the same length. Received: {self.indices.size} and {self.data.size}"
             )
-        indptr = self.indptr.astype(np.int64)
-        if indptr[0] != 0 or indptr[-1] != self.data.size or np.any(np.diff(indptr) < 0):
+        # comparisons on the stored unsigned dtypes: no widened copy of the indices (this runs on every load)
+        indptr = self.indptr
+        if indptr[0] != 0 or indptr[-1] != self.data.size or np.any(indptr[1:] < indptr[:-1]):
             raise ValueError(
                 f"CSR indptr must rise from 0 to nnz={self.data.size}. "
                 f"Received: starts at {indptr[0]}, ends at {indptr[-1]}"
             )
         if self.indices.size:
-            indices = self.indices.astype(np.int64)
+            indices = self.indices
             if indices.max() >= cols:
                 raise ValueError(f"CSR column index {int(indices.max())} out of range for {cols} columns")
             # Within a row, columns must strictly rise: a drop is allowed only where a new row starts.
-            rises = np.diff(indices) > 0
-            row_starts = np.zeros(indices.size - 1, dtype=bool)
-            starts = indptr[1:-1]
-            starts = starts[(starts > 0) & (starts < indices.size)]
-            row_starts[starts - 1] = True
-            if not np.all(rises | row_starts):
+            rises = indices[1:] > indices[:-1]
+            starts = indptr[1:-1].astype(np.int64)
+            rises[starts[(starts > 0) & (starts < indices.size)] - 1] = True
+            if not rises.all():
                 raise ValueError("CSR column indices must be sorted and unique within each row")
 
 

@@ -7,11 +7,12 @@ kernel, bias added and ReLU applied in the same pass:
 - ``sell_matvec``: one input vector. A CSR row costs three dependent scalar loads per
   nonzero (column index, value, gathered input), about 2.5 cycles each. A slice of eight rows
   stored column by column loads eight values and eight indices contiguously and fetches the
-  eight inputs with one hardware gather (`_gather_madd8`, LLVM ``masked.gather``), in two
+  eight inputs with one hardware gather (`_gather_madd`, LLVM ``masked.gather``), in two
   independent 8-lane accumulators: 3-4x the CSR kernel on this machine class.
 - ``sell_matmat``: a batch held transposed, ``xt`` (inputs, batch), so each nonzero adds a
-  contiguous batch-wide row ``value * xt[column]``; up to four 8-lane tiles of the output
-  row stay in registers over the row's nonzeros (the batch is padded to a multiple of 8).
+  contiguous batch-wide row ``value * xt[column]``; two 16-lane tiles (`TILE`) of the output
+  row stay in registers over the row's nonzeros (the batch is padded to a multiple of 16):
+  on AVX-512 one load and one fused multiply-add per tile and nonzero.
 
 Weights pruned in 1x4 blocks (RSN2's ``block_size=4``: four consecutive
 inputs of one output unit kept or pruned together) have two more kernels, over
@@ -19,16 +20,18 @@ inputs of one output unit kept or pruned together) have two more kernels, over
 
 - ``block_matvec``: per block one index, one 4-wide load of values and one of inputs and
   a 4-lane multiply-add, in four independent 4-lane accumulators. The 4-lane operations
-  are written as LLVM vector ops (`_Lanes4`): numba leaves LLVM's SLP vectoriser off,
+  are written as LLVM vector ops (`_Lanes`): numba leaves LLVM's SLP vectoriser off,
   so four scalar sums would stay scalar.
 - ``block_matmat``: as ``sell_matmat``, each block adding four contiguous batch-wide rows of
-  ``xt``, in 8-lane tiles of the batch that stay in a register over the output row's
-  blocks (the batch is padded to a multiple of 8); two tiles per pass share the block's loads.
+  ``xt``, in 16-lane tiles of the batch that stay in a register over the output row's
+  blocks (the batch is padded to a multiple of 16); two tiles per pass share the block's loads.
 
 Values may be float32 or float16 (passed as their uint16 bits, widened to float32 in the
-kernel, so float16 weights stay half the size in memory); sums are float32. Column
+kernel, so float16 weights stay half the size in memory); sums are float32, multiply-adds fused. Column
 indices keep the bundle's dtype (uint8/uint16/uint32). Every kernel exists serial and
-parallel (rows split over numba's threads); the product classes pick one from ``threads``.
+parallel (rows split over numba's threads in chunks of `CHUNK`); the product classes pick one
+from ``threads``. The kernels take an offset of ``xt`` that is a multiple of 16 floats best
+(`TaskProgram` aligns its buffers to 64 bytes): a 16-lane load across two cache lines costs twice.
 Compiled code is cached on disk (``cache=True``), so only the first process to use a
 kernel pays for compiling it.
 
@@ -63,6 +66,8 @@ __all__ = [
     "MIN_BLOCK_FILL",
     "PARALLEL_MIN_BLOCK_LANES",
     "LANES",
+    "TILE",
+    "aligned_zeros",
 ]
 
 _CACHE = True
@@ -105,6 +110,29 @@ def _activate(value, relu):
     return value
 
 
+def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """Zeros whose first element sits on a 64-byte boundary (a cache line; numpy promises 16 bytes).
+
+    Example:
+        >>> aligned_zeros((3, 16)).ctypes.data % 64
+        0
+    """
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start: start + size].view(dtype).reshape(shape)
+
+
+TILE = 16
+"""Lanes of a batch tile: the batch kernels read and write the batch in tiles of 16 (an AVX-512 register,
+two AVX ones, four NEON ones), so their callers pad it to a multiple of 16."""
+CHUNK = 16
+"""Rows (slices for `sell_matvec`) a parallel kernel hands to a thread at a time. Each compiled call
+updates the reference counts of its array arguments (about 60 ns): a kernel that made one call per
+row spent a third of a 1000 x 1000 product at batch 32 on them, so the loops over rows sit inside."""
+
+
 # -- 1x4 blocks --------------------------------------------------------------------------------
 
 BLOCK = 4
@@ -116,34 +144,23 @@ PARALLEL_MIN_BLOCK_LANES = 1 << 16
 for it costs more than the second thread saves."""
 
 
-class _Lanes4(types.Type):
-    """Four float32 lanes held as one LLVM ``<4 x float>`` (an SSE/NEON register)."""
+class _Lanes(types.Type):
+    """``count`` float32 lanes held as one LLVM ``<count x float>``: 4 an SSE/NEON register, 8 an AVX one,
+    16 an AVX-512 one (LLVM splits a vector wider than the machine's registers into several)."""
 
-    def __init__(self):
-        super().__init__(name="Lanes4")
-
-
-class _Lanes8(types.Type):
-    """Eight float32 lanes held as one LLVM ``<8 x float>`` (an AVX register; two SSE/NEON ones)."""
-
-    def __init__(self):
-        super().__init__(name="Lanes8")
+    def __init__(self, count: int):
+        self.count = count
+        super().__init__(name=f"Lanes{count}")
 
 
-_LANES4, _LANES8 = _Lanes4(), _Lanes8()
-_VECTOR4, _VECTOR8 = ir.VectorType(ir.FloatType(), 4), ir.VectorType(ir.FloatType(), 8)
-
-
-@register_model(_Lanes4)
-class _Lanes4Model(models.PrimitiveModel):
+@register_model(_Lanes)
+class _LanesModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VECTOR4)
+        super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.count))
 
 
-@register_model(_Lanes8)
-class _Lanes8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VECTOR8)
+_LANES4, _LANES8, _LANES16 = _Lanes(4), _Lanes(8), _Lanes(16)
+_VECTOR4, _VECTOR8, _VECTOR16 = (ir.VectorType(ir.FloatType(), n) for n in (4, 8, 16))
 
 
 @intrinsic
@@ -189,25 +206,31 @@ def _index(typingctx, indices, k):
     return types.intp(indices, types.intp), codegen
 
 
-_LANE_TYPES = (_Lanes4, _Lanes8)
+def _fma(builder: ir.IRBuilder, a, b, c):
+    """LLVM ``fma(a, b, c)`` = ``a * b + c`` lane by lane, one rounding (one instruction on FMA3 and NEON)."""
+    vector = a.type
+    name = f"llvm.fma.v{vector.count}f32"
+    function = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                                                name)
+    return builder.call(function, [a, b, c])
 
 
 @intrinsic
 def _madd(typingctx, acc, a, b):
-    """``acc + a * b`` lane by lane, four or eight lanes (a multiply then an add, as the scalar kernels round)."""
-    if not isinstance(acc, _LANE_TYPES) or a != acc or b != acc:
+    """``acc + a * b`` lane by lane, fused (`_fma`)."""
+    if not isinstance(acc, _Lanes) or a != acc or b != acc:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.fadd(args[0], builder.fmul(args[1], args[2]))
+        return _fma(builder, args[1], args[2], args[0])
 
     return acc(acc, acc, acc), codegen
 
 
 @intrinsic
 def _add(typingctx, a, b):
-    """``a + b`` lane by lane, four or eight lanes."""
-    if not isinstance(a, _LANE_TYPES) or b != a:
+    """``a + b`` lane by lane."""
+    if not isinstance(a, _Lanes) or b != a:
         return None
 
     def codegen(context, builder, signature, args):
@@ -225,132 +248,143 @@ def _sum4(typingctx, lanes):
     return types.float32(_LANES4), codegen
 
 
-@numba.njit(cache=_CACHE, nogil=True, inline="always")
-def _block_row_dot(indptr, columns, values, x, i):
+@numba.njit(cache=_CACHE, nogil=True)
+def _block_rows(indptr, columns, values, x, bias, relu, out, first, last):
     # four independent accumulators: one would make each block wait for the previous add
-    k, end = indptr[i], indptr[i + 1]
-    a0 = a1 = a2 = a3 = _zero4()
-    while k + 4 <= end:
-        a0 = _madd(a0, _load4(values, 4 * k), _load4(x, 4 * _index(columns, k)))
-        a1 = _madd(a1, _load4(values, 4 * k + 4), _load4(x, 4 * _index(columns, k + 1)))
-        a2 = _madd(a2, _load4(values, 4 * k + 8), _load4(x, 4 * _index(columns, k + 2)))
-        a3 = _madd(a3, _load4(values, 4 * k + 12), _load4(x, 4 * _index(columns, k + 3)))
-        k += 4
-    while k < end:
-        a0 = _madd(a0, _load4(values, 4 * k), _load4(x, 4 * _index(columns, k)))
-        k += 1
-    return _sum4(_add(_add(a0, a1), _add(a2, a3)))
+    for i in range(first, last):
+        k, end = indptr[i], indptr[i + 1]
+        a0 = a1 = a2 = a3 = _zero4()
+        while k + 4 <= end:
+            a0 = _madd(a0, _load4(values, 4 * k), _load4(x, 4 * _index(columns, k)))
+            a1 = _madd(a1, _load4(values, 4 * k + 4), _load4(x, 4 * _index(columns, k + 1)))
+            a2 = _madd(a2, _load4(values, 4 * k + 8), _load4(x, 4 * _index(columns, k + 2)))
+            a3 = _madd(a3, _load4(values, 4 * k + 12), _load4(x, 4 * _index(columns, k + 3)))
+            k += 4
+        while k < end:
+            a0 = _madd(a0, _load4(values, 4 * k), _load4(x, 4 * _index(columns, k)))
+            k += 1
+        out[i] = _activate(_sum4(_add(_add(a0, a1), _add(a2, a3))) + bias[i], relu)
 
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _block_matvec_serial(indptr, columns, values, x, bias, relu, out):
-    for i in range(out.size):
-        out[i] = _activate(_block_row_dot(indptr, columns, values, x, i) + bias[i], relu)
+    _block_rows(indptr, columns, values, x, bias, relu, out, 0, out.size)
 
 
 @numba.njit(cache=_CACHE, nogil=True, parallel=True)
 def _block_matvec_parallel(indptr, columns, values, x, bias, relu, out):
-    for i in prange(out.size):
-        out[i] = _activate(_block_row_dot(indptr, columns, values, x, i) + bias[i], relu)
+    for c in prange((out.size + CHUNK - 1) // CHUNK):
+        _block_rows(indptr, columns, values, x, bias, relu, out, c * CHUNK, min(out.size, (c + 1) * CHUNK))
+
+
+def _vector_ops(lanes: _Lanes):
+    """Intrinsics over ``lanes``: splat (one float32 in every lane), load and store (``array[start:start +
+    count]``, float32, no bounds check) and relu (as `_activate`: a lane >= 0 keeps its value and -0.0,
+    anything else, NaN too, gives 0)."""
+    vector = ir.VectorType(ir.FloatType(), lanes.count)
+
+    @intrinsic
+    def splat(typingctx, value):
+        def codegen(context, builder, signature, args):
+            one = builder.insert_element(ir.Constant(vector, None), args[0], ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(one, ir.Constant(vector, None),
+                                          ir.Constant(ir.VectorType(ir.IntType(32), lanes.count), [0] * lanes.count))
+
+        return lanes(types.float32), codegen
+
+    @intrinsic
+    def load(typingctx, array, start):
+        if not isinstance(array, types.Array) or array.dtype != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+            return builder.load(builder.bitcast(builder.gep(data, [args[1]]), vector.as_pointer()), align=4)
+
+        return lanes(array, types.intp), codegen
+
+    @intrinsic
+    def store(typingctx, array, start, values):
+        if not isinstance(array, types.Array) or array.dtype != types.float32 or values != lanes:
+            return None
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+            builder.store(args[2], builder.bitcast(builder.gep(data, [args[1]]), vector.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.none(array, types.intp, lanes), codegen
+
+    @intrinsic
+    def relu(typingctx, values):
+        def codegen(context, builder, signature, args):
+            keep = builder.fcmp_ordered(">=", args[0], ir.Constant(vector, [0.0] * lanes.count))
+            return builder.select(keep, args[0], ir.Constant(vector, [0.0] * lanes.count))
+
+        return lanes(lanes), codegen
+
+    return splat, load, store, relu
+
+
+_splat8, _, _, _ = _vector_ops(_LANES8)
+_splat16, _load16, _store16, _relu16 = _vector_ops(_LANES16)
 
 
 @intrinsic
-def _load8(typingctx, array, start):
-    """Lanes ``array[start:start + 8]`` of a float32 array; no bounds check."""
-    if not isinstance(array, types.Array) or array.dtype != types.float32:
+def _spread(typingctx, values, j):
+    """Lane ``j`` (a constant) of four, in every lane of a 16-lane vector."""
+    if values != _LANES4 or not isinstance(j, types.IntegerLiteral):
         return None
+    lane = j.literal_value
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
-        return builder.load(builder.bitcast(builder.gep(data, [args[1]]), _VECTOR8.as_pointer()), align=4)
+        return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(ir.IntType(32), 16), [lane] * 16))
 
-    return _LANES8(array, types.intp), codegen
-
-
-@intrinsic
-def _store8(typingctx, array, start, lanes):
-    """``array[start:start + 8] = lanes``; no bounds check."""
-    if not isinstance(array, types.Array) or array.dtype != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
-        builder.store(args[2], builder.bitcast(builder.gep(data, [args[1]]), _VECTOR8.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.none(array, types.intp, _LANES8), codegen
+    return _LANES16(_LANES4, j), codegen
 
 
-@intrinsic
-def _splat8(typingctx, value):
-    """Eight lanes of one float32."""
-
-    def codegen(context, builder, signature, args):
-        one = builder.insert_element(ir.Constant(_VECTOR8, None), args[0], ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(_VECTOR8, None), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
-
-    return _LANES8(types.float32), codegen
-
-
-@intrinsic
-def _block_axpy8(typingctx, acc, values, x0, x1, x2, x3):
-    """``acc + ((v0 x0 + v1 x1) + (v2 x2 + v3 x3))`` for the four values of one block (`_Lanes4`)."""
-
-    def codegen(context, builder, signature, args):
-        v, products = args[1], []
-        for j, x in enumerate(args[2:]):
-            lane = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 8), [j] * 8))
-            products.append(builder.fmul(lane, x))
-        block = builder.fadd(builder.fadd(products[0], products[1]), builder.fadd(products[2], products[3]))
-        return builder.fadd(args[0], block)
-
-    return _LANES8(_LANES8, _LANES4, _LANES8, _LANES8, _LANES8, _LANES8), codegen
-
-
-@intrinsic
-def _relu8(typingctx, lanes):
-    """As `_activate`: a lane >= 0 keeps its value (and -0.0), anything else (NaN too) gives 0."""
-
-    def codegen(context, builder, signature, args):
-        keep = builder.fcmp_ordered(">=", args[0], ir.Constant(_VECTOR8, [0.0] * 8))
-        return builder.select(keep, args[0], ir.Constant(_VECTOR8, [0.0] * 8))
-
-    return _LANES8(_LANES8), codegen
-
-
-@numba.njit(cache=_CACHE, nogil=True, inline="always")
-def _block_row_tiles(indptr, columns, values, xt, batch, bias, relu, out, i):
-    # ``xt`` and ``out`` flat, ``batch`` a multiple of 8: each 8-lane tile of the output row stays in a
-    # register over the row's blocks; two tiles per pass share the loads of the index and values
-    start, end = indptr[i], indptr[i + 1]
-    t = 0
-    while t < batch:
-        two = t + 16 <= batch
-        acc0 = acc1 = _splat8(bias[i])
-        for k in range(start, end):
-            v = _load4(values, 4 * k)
-            c = 4 * _index(columns, k) * batch + t
-            acc0 = _block_axpy8(acc0, v, _load8(xt, c), _load8(xt, c + batch), _load8(xt, c + 2 * batch),
-                                _load8(xt, c + 3 * batch))
+@numba.njit(cache=_CACHE, nogil=True)
+def _block_tiles(indptr, columns, values, xt, batch, bias, relu, out, first, last):
+    # ``xt`` and ``out`` flat, ``batch`` a multiple of TILE: two tiles of an output row stay in registers over
+    # the row's blocks, sharing the block's loads; each of a block's four values adds into its own accumulator,
+    # so that no add waits on the previous one
+    for i in range(first, last):
+        start, end = indptr[i], indptr[i + 1]
+        t = 0
+        while t < batch:
+            two = t + 2 * TILE <= batch
+            a0 = a1 = _splat16(bias[i])
+            b0 = b1 = c0 = c1 = d0 = d1 = _splat16(np.float32(0.0))
+            for k in range(start, end):
+                v = _load4(values, 4 * k)
+                v0, v1, v2, v3 = _spread(v, 0), _spread(v, 1), _spread(v, 2), _spread(v, 3)
+                c = 4 * _index(columns, k) * batch + t
+                a0 = _madd(a0, v0, _load16(xt, c))
+                b0 = _madd(b0, v1, _load16(xt, c + batch))
+                c0 = _madd(c0, v2, _load16(xt, c + 2 * batch))
+                d0 = _madd(d0, v3, _load16(xt, c + 3 * batch))
+                if two:
+                    a1 = _madd(a1, v0, _load16(xt, c + TILE))
+                    b1 = _madd(b1, v1, _load16(xt, c + batch + TILE))
+                    c1 = _madd(c1, v2, _load16(xt, c + 2 * batch + TILE))
+                    d1 = _madd(d1, v3, _load16(xt, c + 3 * batch + TILE))
+            a0 = _add(_add(a0, b0), _add(c0, d0))
+            _store16(out, i * batch + t, _relu16(a0) if relu else a0)
             if two:
-                acc1 = _block_axpy8(acc1, v, _load8(xt, c + 8), _load8(xt, c + batch + 8),
-                                    _load8(xt, c + 2 * batch + 8), _load8(xt, c + 3 * batch + 8))
-        _store8(out, i * batch + t, _relu8(acc0) if relu else acc0)
-        if two:
-            _store8(out, i * batch + t + 8, _relu8(acc1) if relu else acc1)
-        t += 16 if two else 8
+                a1 = _add(_add(a1, b1), _add(c1, d1))
+                _store16(out, i * batch + t + TILE, _relu16(a1) if relu else a1)
+            t += 2 * TILE if two else TILE
 
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _block_matmat_serial(indptr, columns, values, xt, batch, bias, relu, out):
-    for i in range(bias.size):
-        _block_row_tiles(indptr, columns, values, xt, batch, bias, relu, out, i)
+    _block_tiles(indptr, columns, values, xt, batch, bias, relu, out, 0, bias.size)
 
 
 @numba.njit(cache=_CACHE, nogil=True, parallel=True)
 def _block_matmat_parallel(indptr, columns, values, xt, batch, bias, relu, out):
-    for i in prange(bias.size):
-        _block_row_tiles(indptr, columns, values, xt, batch, bias, relu, out, i)
+    for c in prange((bias.size + CHUNK - 1) // CHUNK):
+        _block_tiles(indptr, columns, values, xt, batch, bias, relu, out, c * CHUNK, min(bias.size, (c + 1) * CHUNK))
 
 
 def block_matvec(indptr, columns, values, x, bias, relu: bool, out, *, parallel: bool = False) -> None:
@@ -365,11 +399,12 @@ def block_matvec(indptr, columns, values, x, bias, relu: bool, out, *, parallel:
 def block_matmat(indptr, columns, values, xt, bias, relu: bool, out, *, parallel: bool = False) -> None:
     """``out = act(W @ xt + bias[:, None])`` for 1x4 blocks, ``xt`` (4 * block columns, batch), C-contiguous.
 
-    The kernel reads and writes whole 8-lane tiles, unchecked: ``batch`` must be a multiple of 8
+    The kernel reads and writes whole tiles, unchecked: ``batch`` must be a multiple of `TILE`
     (`NumbaBlockProduct` pads it with zero columns).
     """
-    if xt.shape[1] % 8 or out.shape != (bias.size, xt.shape[1]):
-        raise ValueError(f"block_matmat needs xt (4 * block columns, 8k) and out (outputs, 8k); got {xt.shape}, {out.shape}")
+    if xt.shape[1] % TILE or out.shape != (bias.size, xt.shape[1]):
+        raise ValueError(f"block_matmat needs xt (4 * block columns, {TILE}k) and out (outputs, {TILE}k); "
+                         f"got {xt.shape}, {out.shape}")
     (_block_matmat_parallel if parallel else _block_matmat_serial)(
         indptr, columns, values, xt.reshape(-1), xt.shape[1], bias, relu, out.reshape(-1)
     )
@@ -423,7 +458,7 @@ def _gather_madd(typingctx, acc, values, indices, x, k):
             name)
         fetched = builder.call(gather, [pointers, ir.Constant(ir.IntType(32), 4),
                                         ir.Constant(ir.VectorType(ir.IntType(1), 8), [1] * 8), ir.Constant(_VECTOR8, None)])
-        return builder.fadd(acc, builder.fmul(v, fetched))
+        return _fma(builder, v, fetched, acc)
 
     return _LANES8(_LANES8, values, indices, x, types.intp), codegen
 
@@ -437,104 +472,88 @@ def _lane8(typingctx, lanes, j):
     return types.float32(_LANES8, types.intp), codegen
 
 
-@numba.njit(cache=_CACHE, nogil=True, inline="always")
-def _sell_slice(sptr, indices, values, perm, x, bias, relu, out, s):
+@numba.njit(cache=_CACHE, nogil=True)
+def _sell_slices(sptr, indices, values, perm, x, bias, relu, out, first, last):
     # two accumulators: each gather waits on memory, the next one need not wait on its add
-    k, end = sptr[s], sptr[s + 1]
-    a = b = _splat8(np.float32(0.0))
-    while k + 2 * LANES <= end:
-        a = _gather_madd(a, values, indices, x, k)
-        b = _gather_madd(b, values, indices, x, k + LANES)
-        k += 2 * LANES
-    if k < end:
-        a = _gather_madd(a, values, indices, x, k)
-    a = _add(a, b)
-    for j in range(LANES):
-        row = perm[s * LANES + j]
-        if row >= 0:
-            out[row] = _activate(_lane8(a, j) + bias[row], relu)
+    for s in range(first, last):
+        k, end = sptr[s], sptr[s + 1]
+        a = b = _splat8(np.float32(0.0))
+        while k + 2 * LANES <= end:
+            a = _gather_madd(a, values, indices, x, k)
+            b = _gather_madd(b, values, indices, x, k + LANES)
+            k += 2 * LANES
+        if k < end:
+            a = _gather_madd(a, values, indices, x, k)
+        a = _add(a, b)
+        for j in range(LANES):
+            row = perm[s * LANES + j]
+            if row >= 0:
+                out[row] = _activate(_lane8(a, j) + bias[row], relu)
 
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _sell_matvec_serial(sptr, indices, values, perm, x, bias, relu, out):
-    for s in range(sptr.size - 1):
-        _sell_slice(sptr, indices, values, perm, x, bias, relu, out, s)
+    _sell_slices(sptr, indices, values, perm, x, bias, relu, out, 0, sptr.size - 1)
 
 
 @numba.njit(cache=_CACHE, nogil=True, parallel=True)
 def _sell_matvec_parallel(sptr, indices, values, perm, x, bias, relu, out):
-    for s in prange(sptr.size - 1):
-        _sell_slice(sptr, indices, values, perm, x, bias, relu, out, s)
+    slices = sptr.size - 1
+    for c in prange((slices + CHUNK - 1) // CHUNK):
+        _sell_slices(sptr, indices, values, perm, x, bias, relu, out, c * CHUNK, min(slices, (c + 1) * CHUNK))
 
 
-@numba.njit(cache=_CACHE, nogil=True, inline="always")
-def _sell_row_tiles(sptr, indices, values, perm, lengths, xt, batch, bias, relu, out, position):
-    # one row of a slice (its entries sit LANES apart) times ``xt`` (inputs, batch) flat, ``batch`` a multiple
-    # of 8: up to four 8-lane tiles of the output row stay in registers over the row's entries, sharing
-    # each entry's value and index
-    row = perm[position]
-    if row < 0:
-        return
-    first = sptr[position // LANES] + position % LANES
-    count = lengths[position]
-    t = 0
-    while t < batch:
-        tiles = min(4, (batch - t) // 8)
-        # even and odd entries sum apart: one chain of adds per tile would wait on the adder at every entry
-        a0 = a1 = a2 = a3 = _splat8(bias[row])
-        b0 = b1 = b2 = b3 = _splat8(np.float32(0.0))
-        k, j = first, 0
-        while j + 2 <= count:
-            v, w = _splat8(_value(values, k)), _splat8(_value(values, k + LANES))
-            c, d = _index(indices, k) * batch + t, _index(indices, k + LANES) * batch + t
-            a0 = _madd(a0, v, _load8(xt, c))
-            b0 = _madd(b0, w, _load8(xt, d))
-            if tiles > 1:
-                a1 = _madd(a1, v, _load8(xt, c + 8))
-                b1 = _madd(b1, w, _load8(xt, d + 8))
-            if tiles > 2:
-                a2 = _madd(a2, v, _load8(xt, c + 16))
-                b2 = _madd(b2, w, _load8(xt, d + 16))
-            if tiles > 3:
-                a3 = _madd(a3, v, _load8(xt, c + 24))
-                b3 = _madd(b3, w, _load8(xt, d + 24))
-            k += 2 * LANES
-            j += 2
-        if j < count:
-            v = _splat8(_value(values, k))
-            c = _index(indices, k) * batch + t
-            a0 = _madd(a0, v, _load8(xt, c))
-            if tiles > 1:
-                a1 = _madd(a1, v, _load8(xt, c + 8))
-            if tiles > 2:
-                a2 = _madd(a2, v, _load8(xt, c + 16))
-            if tiles > 3:
-                a3 = _madd(a3, v, _load8(xt, c + 24))
-        o = row * batch + t
-        a0 = _add(a0, b0)
-        _store8(out, o, _relu8(a0) if relu else a0)
-        if tiles > 1:
-            a1 = _add(a1, b1)
-            _store8(out, o + 8, _relu8(a1) if relu else a1)
-        if tiles > 2:
-            a2 = _add(a2, b2)
-            _store8(out, o + 16, _relu8(a2) if relu else a2)
-        if tiles > 3:
-            a3 = _add(a3, b3)
-            _store8(out, o + 24, _relu8(a3) if relu else a3)
-        t += 8 * tiles
+@numba.njit(cache=_CACHE, nogil=True)
+def _sell_tiles(sptr, indices, values, perm, lengths, xt, batch, bias, relu, out, first, last):
+    # rows of slices (a row's entries sit LANES apart) times ``xt`` (inputs, batch) flat, ``batch`` a multiple
+    # of TILE: two tiles of the output row stay in registers over the row's entries, sharing each entry's
+    # value and index; even and odd entries sum apart, so that a tile's adds need not wait on each other
+    for position in range(first, last):
+        row = perm[position]
+        if row < 0:
+            continue
+        start = sptr[position // LANES] + position % LANES
+        count = lengths[position]
+        t = 0
+        while t < batch:
+            two = t + 2 * TILE <= batch
+            a0 = a1 = _splat16(bias[row])
+            b0 = b1 = _splat16(np.float32(0.0))
+            k, j = start, 0
+            while j + 2 <= count:
+                v, w = _splat16(_value(values, k)), _splat16(_value(values, k + LANES))
+                c, d = _index(indices, k) * batch + t, _index(indices, k + LANES) * batch + t
+                a0 = _madd(a0, v, _load16(xt, c))
+                b0 = _madd(b0, w, _load16(xt, d))
+                if two:
+                    a1 = _madd(a1, v, _load16(xt, c + TILE))
+                    b1 = _madd(b1, w, _load16(xt, d + TILE))
+                k += 2 * LANES
+                j += 2
+            if j < count:
+                v = _splat16(_value(values, k))
+                c = _index(indices, k) * batch + t
+                a0 = _madd(a0, v, _load16(xt, c))
+                if two:
+                    a1 = _madd(a1, v, _load16(xt, c + TILE))
+            a0 = _add(a0, b0)
+            _store16(out, row * batch + t, _relu16(a0) if relu else a0)
+            if two:
+                a1 = _add(a1, b1)
+                _store16(out, row * batch + t + TILE, _relu16(a1) if relu else a1)
+            t += 2 * TILE if two else TILE
 
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _sell_matmat_serial(sptr, indices, values, perm, lengths, xt, batch, bias, relu, out):
-    for position in range(perm.size):
-        _sell_row_tiles(sptr, indices, values, perm, lengths, xt, batch, bias, relu, out, position)
+    _sell_tiles(sptr, indices, values, perm, lengths, xt, batch, bias, relu, out, 0, perm.size)
 
 
 @numba.njit(cache=_CACHE, nogil=True, parallel=True)
 def _sell_matmat_parallel(sptr, indices, values, perm, lengths, xt, batch, bias, relu, out):
-    for position in prange(perm.size):
-        _sell_row_tiles(sptr, indices, values, perm, lengths, xt, batch, bias, relu, out, position)
+    for c in prange((perm.size + CHUNK - 1) // CHUNK):
+        _sell_tiles(sptr, indices, values, perm, lengths, xt, batch, bias, relu, out, c * CHUNK,
+                    min(perm.size, (c + 1) * CHUNK))
 
 
 def sell_matvec(sell: "Sell8", x, bias, relu: bool, out, *, parallel: bool = False) -> None:
@@ -546,11 +565,12 @@ def sell_matvec(sell: "Sell8", x, bias, relu: bool, out, *, parallel: bool = Fal
 def sell_matmat(sell: "Sell8", xt, bias, relu: bool, out, *, parallel: bool = False) -> None:
     """``out = act(W @ xt + bias[:, None])`` with ``xt`` (inputs, batch) and ``out`` (outputs, batch), C-contiguous.
 
-    The kernel reads and writes whole 8-lane tiles, unchecked: ``batch`` must be a multiple of 8
+    The kernel reads and writes whole tiles, unchecked: ``batch`` must be a multiple of `TILE`
     (`NumbaCSRProduct` pads it with zero columns).
     """
-    if xt.shape[1] % 8 or out.shape != (sell.rows, xt.shape[1]) or xt.shape[0] != sell.cols:
-        raise ValueError(f"sell_matmat needs xt ({sell.cols}, 8k) and out ({sell.rows}, 8k); got {xt.shape}, {out.shape}")
+    if xt.shape[1] % TILE or out.shape != (sell.rows, xt.shape[1]) or xt.shape[0] != sell.cols:
+        raise ValueError(f"sell_matmat needs xt ({sell.cols}, {TILE}k) and out ({sell.rows}, {TILE}k); "
+                         f"got {xt.shape}, {out.shape}")
     (_sell_matmat_parallel if parallel else _sell_matmat_serial)(
         sell.sptr, sell.indices, sell.kernel_values, sell.perm, sell.lengths, xt.reshape(-1), xt.shape[1], bias, relu,
         out.reshape(-1))
@@ -618,10 +638,10 @@ class Sell8:
         np.cumsum(widths * LANES, out=sptr[1:])
         position = np.empty(rows, np.int64)
         position[order] = np.arange(rows)
-        row_of = np.repeat(np.arange(rows, dtype=np.int64), lengths)
-        step = np.arange(weight.nnz, dtype=np.int64) - indptr[row_of]
-        where = position[row_of]
-        destination = sptr[where // LANES] + step * LANES + where % LANES
+        # entry j of row r goes to sptr[slice] + lane + LANES * j, j = (its CSR index) - indptr[r]: one offset per
+        # row, repeated over its entries, plus LANES times the CSR index
+        offset = sptr[position // LANES] + position % LANES - LANES * indptr[:-1]
+        destination = np.repeat(offset, lengths) + LANES * np.arange(weight.nnz, dtype=np.int64)
         index_dtype = np.uint16 if cols <= 1 << 16 else np.uint32
         indices = np.zeros(int(sptr[-1]), index_dtype)
         indices[destination] = weight.indices
@@ -672,15 +692,18 @@ class Blocks1x4:
         if weight.layout != "oi" or weight.nnz == 0:
             return None
         rows, cols = weight.matrix_shape
-        row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(weight.indptr.astype(np.int64)))
-        column = weight.indices.astype(np.int64)
-        # CSR columns rise within a row, so a block's nonzeros are neighbours in CSR order
-        key = row_of * (cols // BLOCK + 1) + column // BLOCK
-        starts = np.ones(key.size, dtype=bool)
-        starts[1:] = key[1:] != key[:-1]
+        # CSR columns rise within a row, so a block's nonzeros are neighbours in CSR order: a block starts where
+        # the block column changes or a row starts (counted on the stored dtype first: most weights are not blocks)
+        block_column = weight.indices // BLOCK
+        starts = np.ones(block_column.size, dtype=bool)
+        starts[1:] = block_column[1:] != block_column[:-1]
+        row_starts = weight.indptr[:-1].astype(np.int64)
+        starts[row_starts[row_starts < block_column.size]] = True
         blocks = int(np.count_nonzero(starts))
         if weight.nnz < min_fill * BLOCK * blocks:
             return None
+        row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(weight.indptr.astype(np.int64)))
+        column = weight.indices.astype(np.int64)
         block_of = np.cumsum(starts) - 1
         indptr = np.zeros(rows + 1, np.int64)
         np.cumsum(np.bincount(row_of[starts], minlength=rows), out=indptr[1:])
@@ -728,13 +751,13 @@ class NumbaBlockProduct:
             out = np.empty(self.rows, np.float32)
             block_matvec(self.indptr, self.columns, self.values, vector, self.bias, self.relu, out, parallel=parallel)
             return out[None]
-        lanes = -(-batch // 8) * 8  # the kernel works in 8-lane tiles of the batch
+        lanes = -(-batch // TILE) * TILE
         if padding or lanes != batch:
-            xt = np.zeros((self.padded_cols, lanes), np.float32)
+            xt = aligned_zeros((self.padded_cols, lanes))
             xt[: self.cols, :batch] = x.T
         else:  # x.T is free when x is the transposed output of the previous op
             xt = np.ascontiguousarray(x.T, np.float32)
-        out = np.empty((self.rows, lanes), np.float32)
+        out = aligned_zeros((self.rows, lanes))
         if batch:
             block_matmat(self.indptr, self.columns, self.values, xt, self.bias, self.relu, out, parallel=parallel)
         return out[:, :batch].T
@@ -772,11 +795,11 @@ class NumbaCSRProduct:
             sell_matvec(self.sell, np.ascontiguousarray(x[0], np.float32), self.bias, self.relu, out,
                         parallel=self.parallel)
             return out[None]
-        lanes = -(-batch // 8) * 8  # the kernel works in 8-lane tiles of the batch
-        out = np.empty((self.rows, lanes), np.float32)
+        lanes = -(-batch // TILE) * TILE
+        out = aligned_zeros((self.rows, lanes))
         if batch:
             if lanes != batch:
-                xt = np.zeros((self.cols, lanes), np.float32)
+                xt = aligned_zeros((self.cols, lanes))
                 xt[:, :batch] = x.T
             else:  # x.T is free when x is the transposed output of the previous op
                 xt = np.ascontiguousarray(x.T, np.float32)

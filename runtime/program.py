@@ -50,12 +50,14 @@ from mann_edge.graph.model import CompactModel, Node
 from mann_edge.graph.ops import bind
 from mann_edge.runtime.fast_kernels import (
     LANES,
+    TILE,
     Blocks1x4,
     Sell8,
     _block_matmat_serial,
     _block_matvec_serial,
     _sell_matmat_serial,
     _sell_matvec_serial,
+    aligned_zeros,
 )
 from mann_edge.runtime.kernels import Windows, runtime_ops
 from mann_edge.sparse import CSRWeight, to_dense
@@ -115,8 +117,8 @@ def _from_columns(act, src, r, n, lanes, out_off):
 
 @numba.njit(cache=True, nogil=True)
 def _dense_sell(op, wi, wf, data, indices_all, act):
-    # op: code, n, k, r, x, out, slice pointers (wi; then the lanes' rows and lengths), -, indices, -, values,
-    # bias, relu, scratch, out in columns, x in columns (a conv's gathered windows, the previous product's output)
+    # op: code, n, k, r, x, out, slice pointers (wi; then the lanes' rows and lengths), x in columns, indices,
+    # out in columns, values, bias, relu, scratch
     n, k, r, x_off, out_off = op[1], op[2], op[3], op[4], op[5]
     slices = (r + LANES - 1) // LANES
     sptr = wi[op[6]: op[6] + slices + 1]
@@ -130,24 +132,31 @@ def _dense_sell(op, wi, wf, data, indices_all, act):
     if n == 1:
         _sell_matvec_serial(sptr, indices, values, perm, act[x_off: x_off + k], bias, relu, act[out_off: out_off + r])
         return
-    # a batch runs transposed, padded to 8-lane tiles: each nonzero then adds one contiguous batch-wide row;
-    # op[15] / op[14]: the input / output is kept transposed already (between two such products)
-    s, lanes = op[13], (n + 7) // 8 * 8
-    if op[15]:
-        xt = act[x_off: x_off + k * lanes]
-    else:
-        _to_columns(act, x_off, n, k, s, k, lanes)
-        xt = act[s: s + k * lanes]
-        s += k * lanes
-    y = out_off if op[14] else s
+    lanes = (n + TILE - 1) // TILE * TILE
+    s, xt = _batch_input(op, act, k, k, lanes)
+    y = out_off if op[9] else s
     _sell_matmat_serial(sptr, indices, values, perm, lengths, xt, lanes, bias, relu, act[y: y + r * lanes])
-    if not op[14]:
+    if not op[9]:
         _from_columns(act, y, r, n, lanes, out_off)
 
 
 @numba.njit(cache=True, nogil=True)
+def _batch_input(op, act, k, kp, lanes):
+    """The batch input of a sparse product as columns, (kp, lanes), and the scratch past it.
+
+    A batch runs transposed, padded to whole tiles: each nonzero then adds one contiguous batch-wide
+    row. op[7]: the input is kept so already (the output of the previous such product, op[9])."""
+    s = op[13]
+    if op[7]:
+        return s, act[op[4]: op[4] + kp * lanes]
+    _to_columns(act, op[4], op[1], k, s, kp, lanes)
+    return s + kp * lanes, act[s: s + kp * lanes]
+
+
+@numba.njit(cache=True, nogil=True)
 def _dense_block(op, wi, wf, data, columns_all, act):
-    # op: code, n, k, r, x, out, indptr, -, columns, -, values, bias, relu, scratch, padded k
+    # op: code, n, k, r, x, out, indptr, x in columns, columns, out in columns, values, bias, relu, scratch,
+    # padded k
     n, k, r, x_off, out_off, kp = op[1], op[2], op[3], op[4], op[5], op[14]
     indptr = wi[op[6]: op[6] + r + 1]
     blocks = indptr[r]
@@ -155,19 +164,19 @@ def _dense_block(op, wi, wf, data, columns_all, act):
     values = data[op[10]: op[10] + 4 * blocks]
     bias = wf[op[11]: op[11] + r]
     relu = op[12] != 0
-    s = op[13]
     if n == 1:
         x = act[x_off: x_off + k]
         if kp != k:  # the last block reads past the inputs: zeros there
-            _to_columns(act, x_off, 1, k, s, kp, 1)
-            x = act[s: s + kp]
+            _to_columns(act, x_off, 1, k, op[13], kp, 1)
+            x = act[op[13]: op[13] + kp]
         _block_matvec_serial(indptr, columns, values, x, bias, relu, act[out_off: out_off + r])
         return
-    lanes = (n + 7) // 8 * 8  # the kernel works in 8-lane tiles of the batch
-    _to_columns(act, x_off, n, k, s, kp, lanes)
-    y = s + kp * lanes
-    _block_matmat_serial(indptr, columns, values, act[s: s + kp * lanes], lanes, bias, relu, act[y: y + r * lanes])
-    _from_columns(act, y, r, n, lanes, out_off)
+    lanes = (n + TILE - 1) // TILE * TILE
+    s, xt = _batch_input(op, act, k, kp, lanes)
+    y = out_off if op[9] else s
+    _block_matmat_serial(indptr, columns, values, xt, lanes, bias, relu, act[y: y + r * lanes])
+    if not op[9]:
+        _from_columns(act, y, r, n, lanes, out_off)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -525,14 +534,20 @@ class _Layer:
 
 
 class _Arena:
-    """Buffers in one float32 array, handed out first-fit and given back once their last reader ran."""
+    """Buffers in one float32 array, handed out first-fit and given back once their last reader ran.
+
+    Sizes are rounded up to whole cache lines (`ALIGN` floats), so every buffer of the 64-byte aligned
+    arena starts on one: the batch kernels' 16-lane loads then never straddle two lines.
+    """
+
+    ALIGN = 16
 
     def __init__(self):
         self.free: list[tuple[int, int]] = []  # (offset, size), sorted by offset
         self.end = 0
 
     def take(self, size: int) -> int:
-        size = max(int(size), 1)
+        size = -(-max(int(size), 1) // self.ALIGN) * self.ALIGN
         for i, (offset, room) in enumerate(self.free):
             if room >= size:
                 if room == size:
@@ -545,7 +560,7 @@ class _Arena:
         return offset
 
     def give(self, offset: int, size: int) -> None:
-        size = max(int(size), 1)
+        size = -(-max(int(size), 1) // self.ALIGN) * self.ALIGN
         self.free.append((offset, size))
         self.free.sort()
         merged: list[tuple[int, int]] = []
@@ -730,22 +745,27 @@ class TaskProgram:
             compiled.append(flag)
             if not flag and node.dtype not in ("float32", "float16"):
                 python_values.add(node.name)
-        # tensors kept transposed, (features, batch padded to 8 lanes), between two SELL products of a batch:
+        # tensors kept transposed, (features, batch padded to whole tiles), between two sparse products of a batch:
         # transposing in and out of every product costs a fifth of a 1000 x 1000 layer's time at batch 32
         readers: dict[str, list[int]] = {}
         for index, node in enumerate(nodes):
             for name in node.inputs:
                 readers.setdefault(name, []).append(index)
 
-        def sell_batch(index: int) -> bool:
+        def sparse_batch(index: int) -> bool:
             node = nodes[index]
-            return (compiled[index] and node.op == "dense" and self.layers[node.name].code == _DENSE_SELL
-                    and math.prod(shapes[node.inputs[0]][:-1]) > 1
-                    and _fused(normalize_activation(node.attrs.get("activation")))[1] is None)
+            return (compiled[index] and node.op == "dense" and self.layers[node.name].code in (_DENSE_SELL, _DENSE_BLOCK)
+                    and math.prod(shapes[node.inputs[0]][:-1]) > 1)
+
+        def writes_columns(index: int) -> bool:  # an activation the kernel does not fuse runs on rows
+            return sparse_batch(index) and _fused(normalize_activation(nodes[index].attrs.get("activation")))[1] is None
+
+        def reads_columns(index: int) -> bool:
+            return sparse_batch(index) and self._takes_columns(self.layers[nodes[index].name])
 
         columnar = {node.name for index, node in enumerate(nodes)
-                    if sell_batch(index) and node.name not in outputs and readers.get(node.name)
-                    and all(sell_batch(reader) for reader in readers[node.name])}
+                    if writes_columns(index) and node.name not in outputs and readers.get(node.name)
+                    and all(reads_columns(reader) for reader in readers[node.name])}
         # a tensor's buffer: its own, or (flatten, reshape) its input's
         owner: dict[str, str] = {}
         last_use: dict[str, int] = {}
@@ -795,7 +815,7 @@ class TaskProgram:
                 continue
             sizes[node.name] = math.prod(shape)
             if node.name in columnar:
-                sizes[node.name] = shape[-1] * ((math.prod(shape[:-1]) + 7) // 8 * 8)
+                sizes[node.name] = shape[-1] * ((math.prod(shape[:-1]) + TILE - 1) // TILE * TILE)
             out = arena.take(sizes[node.name])
             slots[node.name] = (out, shape)
             start = len(rows)
@@ -811,7 +831,7 @@ class TaskProgram:
         program = np.zeros((max(len(rows), 1), _WIDTH), np.int64)
         for i, row in enumerate(rows):
             program[i, : len(row)] = row
-        built = _Plan(program, pi.freeze(), np.zeros(arena.end + 1, np.float32), steps, slots)
+        built = _Plan(program, pi.freeze(), aligned_zeros(arena.end + 1), steps, slots)
         for name, (kind, offset, size) in plan_inputs.items():
             buffer = built.act if kind == "f" else built.pi
             built.inputs.append((name, buffer[offset: offset + size].reshape(shapes[name])))
@@ -823,6 +843,12 @@ class TaskProgram:
                 built.outputs.append((tensor, built.act[offset: offset + math.prod(shape)].reshape(shape)))
         return built
 
+    @staticmethod
+    def _takes_columns(layer: "_Layer") -> bool:
+        """Whether the layer's batch kernel can read its input as the columns another op wrote: SELL always,
+        1x4 blocks when no padding row follows the inputs (their kernel reads a multiple of 4)."""
+        return layer.code == _DENSE_SELL or (layer.code == _DENSE_BLOCK and layer.words[14] == layer.cols)
+
     def _activation_row(self, node: Node, activation: dict, rows_n: int, width: int, x: int, out: int) -> list[int]:
         kind = _ACT_KINDS[activation["name"]]
         return [_ACT, rows_n, width, x, out, kind, self.params.get(node.name, 0)]
@@ -830,7 +856,7 @@ class TaskProgram:
     def _emit(self, node: Node, shapes, slots, out: int, arena: _Arena, pi: _Arrays, rows: list,
               columnar: set = frozenset()) -> None:
         """Appends the interpreter rows that compute ``node`` into the buffer at ``out`` (``columnar``: the
-        tensors kept transposed between two SELL products)."""
+        tensors kept transposed between two sparse products)."""
         shape = tuple(shapes[node.name])
         x_shape = tuple(shapes[node.inputs[0]]) if node.inputs else ()
         x = slots[node.inputs[0]][0] if node.inputs else 0
@@ -846,8 +872,8 @@ class TaskProgram:
                 index, _, _ = windows.index(height, width, channels)
                 pixels = np.where(index[:, :, 0] < height * width * channels, index[:, :, 0] // channels, -1)
                 count = n * pixels.shape[0]
-                columns = layer.code == _DENSE_SELL and count > 1
-                lanes = (count + 7) // 8 * 8 if columns else count  # the SELL batch kernel's 8-lane tiles
+                columns = self._takes_columns(layer) and count > 1
+                lanes = (count + TILE - 1) // TILE * TILE if columns else count  # the batch kernels' tiles
                 patches = arena.take(lanes * layer.cols)
                 scratch.append((patches, lanes * layer.cols))
                 rows.append([_GATHER, n, pixels.shape[0], kh * kw, channels, height * width, x, patches,
@@ -858,24 +884,20 @@ class TaskProgram:
             row = [layer.code, count, layer.cols, layer.rows, x, out] + [0] * 10
             for position, value in layer.words.items():
                 row[position] = value
-            if (node.op == "conv2d" and columns) or (node.op == "dense" and node.inputs[0] in columnar):
-                row[15] = 1
-            if node.name in columnar:
-                row[14] = 1
             if layer.code == _DENSE_FULL:
                 row[8] = int(fused)
             else:
                 row[12] = int(fused)
+                row[7] = int((node.op == "conv2d" and columns) or (node.op == "dense" and node.inputs[0] in columnar))
+                row[9] = int(node.name in columnar)
                 padded = row[14] if layer.code == _DENSE_BLOCK else layer.cols
-                lanes = (count + 7) // 8 * 8
+                lanes = (count + TILE - 1) // TILE * TILE
                 if layer.code == _DENSE_SELL and count == 1:
                     size = 0
                 elif count == 1:
                     size = padded
-                elif layer.code == _DENSE_SELL:  # transposed input and output, unless kept so already
-                    size = (0 if row[15] else padded * lanes) + (0 if row[14] else layer.rows * lanes)
-                else:
-                    size = (padded + layer.rows) * lanes
+                else:  # transposed input and output, unless kept so already
+                    size = (0 if row[7] else padded * lanes) + (0 if row[9] else layer.rows * lanes)
                 if size:
                     row[13] = arena.take(size)
                     scratch.append((row[13], size))

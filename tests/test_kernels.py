@@ -232,7 +232,7 @@ BLOCK_CASES = [
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"{c[0]}x{c[1]}-holes{c[3]}")
-@pytest.mark.parametrize("batch", [1, 2, 13])
+@pytest.mark.parametrize("batch", [1, 2, 13, 40])  # 40: a pass of two 16-lane tiles, then one more
 def test_block_structured_dense_matches_the_reference_op(backend, case, dtype, batch, threads, monkeypatch):
     inputs, outputs, keep, holes = case
     if backend == "numba":  # these layers are far below the size where threads pay: run the parallel kernels anyway

@@ -120,7 +120,7 @@ def test_a_dense_chain_matches_the_reference(kernel_choice, case, dtype):
                        kernel=kernel, bias=rng.normal(0, 1, n_out).astype(np.float32))
     graph.add("head", "dense", [hidden], {"activation": "relu"}, (None, 3), kernel=_sparse(rng, (n_out, 3), 0.7))
     model = graph.model([("head", (None, 3)), ("hidden", (None, n_out))], dtype)
-    batches = [rng.normal(0, 1, (batch, n_in)).astype(np.float32) for batch in (1, 2, 13)]
+    batches = [rng.normal(0, 1, (batch, n_in)).astype(np.float32) for batch in (1, 2, 13, 40)]
     _check(model, batches, dtype)
 
 
@@ -140,6 +140,33 @@ def test_sparse_weights_run_on_the_sparse_kernels_and_small_ones_dense(monkeypat
         codes[limit] = [int(c) for c in _program(session).plan({"x": (1, 45)}).program[:, 0]]
     assert codes[0] == [program_module._DENSE_SELL, program_module._DENSE_BLOCK]
     assert set(codes[default]) == {program_module._DENSE_FULL}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_batch_stays_in_columns_between_sparse_products(monkeypatch, dtype):
+    # SELL and 1x4-block products chained: each reads the previous one's transposed output as it is, except a
+    # block product whose inputs are not a multiple of 4 (its kernel reads a padding row)
+    from mann_edge.runtime import program as program_module
+
+    monkeypatch.setattr(program_module, "DENSE_MAX_BYTES", 0)
+    rng = np.random.default_rng(5)
+    graph = _Graph([("x", (None, 45), "float32")])
+    layers = [("a", 45, 30, "sell"), ("b", 30, 32, "sell"), ("c", 32, 24, "blocks"), ("d", 24, 22, "sell"),
+              ("e", 22, 20, "blocks"), ("f", 20, 12, "blocks")]
+    previous = "x"
+    for name, n_in, n_out, kind in layers:
+        kernel = _blocky(rng, n_in, n_out, 0.4) if kind == "blocks" else _sparse(rng, (n_in, n_out), 0.3, 2)
+        previous = graph.add(name, "dense", [previous], {"activation": "relu"}, (None, n_out), kernel=kernel,
+                             bias=rng.normal(0, 1, n_out).astype(np.float32))
+    model = graph.model([(previous, (None, 12))], dtype)
+    batches = [rng.normal(0, 1, (batch, 45)).astype(np.float32) for batch in (1, 3, 40)]
+    session = _check(model, batches, dtype)
+    table = _program(session).plan({"x": (40, 45)}).program
+    codes = [int(c) for c in table[:, 0]]
+    assert codes == [program_module._DENSE_SELL] * 2 + [program_module._DENSE_BLOCK, program_module._DENSE_SELL] + \
+        [program_module._DENSE_BLOCK] * 2
+    assert table[:, 7].tolist() == [0, 1, 1, 1, 0, 1]  # input kept in columns (e: 22 inputs, padded to 24)
+    assert table[:, 9].tolist() == [1, 1, 1, 0, 1, 0]  # output kept in columns (not d, read by e; f: the model's)
 
 
 CONV_CASES = [
@@ -302,9 +329,9 @@ def test_sell8_kernels_match_the_matrix_product(rows, cols, batch):
         sell_matvec(sell, x[0], bias, True, out)
         np.testing.assert_allclose(out[None], expected, atol=1e-5, rtol=1e-5)
     else:
-        with pytest.raises(ValueError, match="8k"):  # the kernel works in whole 8-lane tiles of the batch
+        with pytest.raises(ValueError, match="16k"):  # the kernel works in whole 16-lane tiles of the batch
             sell_matmat(sell, np.ascontiguousarray(x.T), bias, True, np.empty((rows, batch), np.float32))
-        for lanes in (8, 40):  # one tile; four tiles and one more
+        for lanes in (16, 48):  # one tile; a pass of two tiles and one more
             xt = np.zeros((cols, lanes), np.float32)
             xt[:, :batch] = x.T
             out = np.empty((rows, lanes), np.float32)
