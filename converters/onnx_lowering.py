@@ -402,12 +402,23 @@ def _scale_shift(g, node, inputs):
 
 @LOWERINGS.register("layer_norm")
 def _layer_norm(g, node, inputs):
+    """Normalization over ``axes``; over the last axis alone (Keras's default) the means are a MatMul by a
+    constant column of 1/n: the mobile providers share MatMul, not a reduction (NNAPI has ReduceMean only,
+    Core ML ReduceSum only)."""
     (x,) = inputs
     shape = g.shape(x)
     axes = [int(a) % len(shape) for a in node.attrs["axes"]]
-    mean = g.op("ReduceMean", [x], axes=axes, keepdims=1)
-    centered = g.op("Sub", [x, mean])
-    variance = g.op("ReduceMean", [g.op("Mul", [centered, centered])], axes=axes, keepdims=1)
+    if axes == [len(shape) - 1]:
+        width = int(shape[-1])
+        column = g.const(np.full((width, 1), 1 / width, np.float32))
+
+        def mean(value):
+            return g.op("MatMul", [value, column])
+    else:
+        def mean(value):
+            return g.op("ReduceMean", [value], axes=axes, keepdims=1)
+    centered = g.op("Sub", [x, mean(x)])
+    variance = mean(g.op("Mul", [centered, centered]))
     scale = g.op("Sqrt", [g.op("Add", [variance, g.const(np.float32(node.attrs["epsilon"]))])])
     y = g.op("Div", [centered, scale])
     broadcast = [1] * len(shape)
@@ -480,7 +491,8 @@ def _global_max_pool(g, node, inputs):
 
 @LOWERINGS.register("flatten")
 def _flatten(g, node, inputs):
-    return g.op("Flatten", [inputs[0]], axis=1)
+    # a Reshape: Core ML's ML Program provider has no Flatten (NNAPI and its NeuralNetwork provider take both)
+    return g.op("Reshape", [inputs[0], g.const([0, -1], "int64")])
 
 
 @LOWERINGS.register("reshape")
