@@ -160,7 +160,7 @@ class _LanesModel(models.PrimitiveModel):
 
 
 _LANES4, _LANES8, _LANES16 = _Lanes(4), _Lanes(8), _Lanes(16)
-_VECTOR4, _VECTOR8, _VECTOR16 = (ir.VectorType(ir.FloatType(), n) for n in (4, 8, 16))
+_VECTOR4, _VECTOR8 = ir.VectorType(ir.FloatType(), 4), ir.VectorType(ir.FloatType(), 8)
 
 
 @intrinsic

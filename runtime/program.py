@@ -95,24 +95,22 @@ def compiled_op_types() -> tuple[str, ...]:
 @numba.njit(cache=True, nogil=True)
 def _to_columns(act, x_off, n, k, dst, rows, lanes):
     """``dst`` (rows, lanes) = x (n, k) transposed; rows past k and lanes past n are zero (the block kernels' padding)."""
-    for j in range(rows):
-        base = dst + j * lanes
-        if j < k:
-            for b in range(n):
-                act[base + b] = act[x_off + b * k + j]
-            for b in range(n, lanes):
-                act[base + b] = 0.0
-        else:
-            for b in range(lanes):
-                act[base + b] = 0.0
+    x = act[x_off: x_off + n * k].reshape((n, k))
+    y = act[dst: dst + rows * lanes].reshape((rows, lanes))
+    y[:] = 0.0
+    for b in range(n):
+        for j in range(k):
+            y[j, b] = x[b, j]
 
 
 @numba.njit(cache=True, nogil=True)
 def _from_columns(act, src, r, n, lanes, out_off):
     """out (n, r) = the first n lanes of ``src`` (r, lanes), transposed."""
+    x = act[src: src + r * lanes].reshape((r, lanes))
+    y = act[out_off: out_off + n * r].reshape((n, r))
     for b in range(n):
         for i in range(r):
-            act[out_off + b * r + i] = act[src + i * lanes + b]
+            y[b, i] = x[i, b]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -196,64 +194,70 @@ def _dense_full(op, wf, act):
 def _gather(op, pi, act):
     # op: code, n, windows, cells, channels, pixels, x, out, table (windows, cells) of pixels (-1 in the padding),
     # columns, lanes. columns 0: the windows as rows (n * windows, cells * channels); 1: transposed,
-    # (cells * channels, lanes), as the SELL batch kernel reads them, the lanes past n * windows zero.
-    # Pixels are rows of channels (2-D views).
+    # (cells * channels, lanes), as the batch kernels read them, the lanes past n * windows zero.
     n, windows, cells, c, pixels, x_off, out_off, table = op[1], op[2], op[3], op[4], op[5], op[6], op[7], op[8]
     columns, lanes = op[9] != 0, op[10]
-    x = act[x_off: x_off + n * pixels * c].reshape((n * pixels, c))
+    x = act[x_off: x_off + n * pixels * c].reshape((n, pixels, c))
+    index = pi[table: table + windows * cells].reshape((windows, cells))
     if columns:
-        y = act[out_off: out_off + cells * c * lanes].reshape((cells * c, lanes))
-        for j in range(cells * c):
-            for b in range(n * windows, lanes):
-                y[j, b] = 0.0
+        y = act[out_off: out_off + cells * c * lanes].reshape((cells, c, lanes))
+        y[:] = 0.0
         for b in range(n):
             for w in range(windows):
                 lane = b * windows + w
                 for cell in range(cells):
-                    pixel = pi[table + w * cells + cell]
-                    for ch in range(c):
-                        y[cell * c + ch, lane] = x[b * pixels + pixel, ch] if pixel >= 0 else np.float32(0.0)
+                    pixel = index[w, cell]
+                    if pixel >= 0:
+                        for ch in range(c):
+                            y[cell, ch, lane] = x[b, pixel, ch]
         return
-    y = act[out_off: out_off + n * windows * cells * c].reshape((n * windows * cells, c))
+    if c == 1:  # one channel (a grey image): one value per cell, without the channel loop
+        xs = act[x_off: x_off + n * pixels].reshape((n, pixels))
+        ys = act[out_off: out_off + n * windows * cells].reshape((n, windows, cells))
+        for b in range(n):
+            for w in range(windows):
+                for cell in range(cells):
+                    pixel = index[w, cell]
+                    ys[b, w, cell] = xs[b, pixel] if pixel >= 0 else np.float32(0.0)
+        return
+    y = act[out_off: out_off + n * windows * cells * c].reshape((n, windows, cells, c))
     for b in range(n):
         for w in range(windows):
             for cell in range(cells):
-                pixel = pi[table + w * cells + cell]
-                row = (b * windows + w) * cells + cell
+                pixel = index[w, cell]
                 if pixel < 0:
                     for ch in range(c):
-                        y[row, ch] = 0.0
+                        y[b, w, cell, ch] = 0.0
                 else:
-                    source = b * pixels + pixel
                     for ch in range(c):
-                        y[row, ch] = x[source, ch]
+                        y[b, w, cell, ch] = x[b, pixel, ch]
 
 
 @numba.njit(cache=True, nogil=True)
 def _pool(op, pi, act, average):
     # op: code, n, windows, cells, channels, pixels, x, out, table, counts (valid cells per window);
-    # pixels and windows are rows of channels (2-D views): the inner loops run over contiguous channels
+    # the inner loops run over contiguous channels
     n, windows, cells, c, pixels, x_off, out_off, table, counts = op[1], op[2], op[3], op[4], op[5], op[6], op[7], \
         op[8], op[9]
-    x = act[x_off: x_off + n * pixels * c].reshape((n * pixels, c))
-    y = act[out_off: out_off + n * windows * c].reshape((n * windows, c))
+    x = act[x_off: x_off + n * pixels * c].reshape((n, pixels, c))
+    y = act[out_off: out_off + n * windows * c].reshape((n, windows, c))
+    index = pi[table: table + windows * cells].reshape((windows, cells))
     for b in range(n):
         for w in range(windows):
-            target = y[b * windows + w]
+            target = y[b, w]
             # the padding is -inf for the max (as the reference: every window holds a valid cell), left out of the mean
             target[:] = 0.0 if average else np.float32(-np.inf)
             for cell in range(cells):
-                pixel = pi[table + w * cells + cell]
+                pixel = index[w, cell]
                 if pixel < 0:
                     continue
-                source = x[b * pixels + pixel]
+                source = x[b, pixel]
                 if average:
                     for ch in range(c):
                         target[ch] += source[ch]
                 else:
                     for ch in range(c):
-                        if source[ch] > target[ch]:
-                            target[ch] = source[ch]
+                        target[ch] = max(target[ch], source[ch])
             if average:
                 count = np.float32(pi[counts + w])
                 for ch in range(c):
@@ -264,12 +268,14 @@ def _pool(op, pi, act, average):
 def _embed(op, pi, wf, act):
     # op: code, ids, dim, vocab, ids offset (pi), table (wf), out
     count, dim, vocab, ids, table, out = op[1], op[2], op[3], op[4], op[5], op[6]
+    rows = wf[table: table + vocab * dim].reshape((vocab, dim))
+    y = act[out: out + count * dim].reshape((count, dim))
     for j in range(count):
         row = pi[ids + j]
         if row < 0 or row >= vocab:
             return _ID_OUT_OF_RANGE
         for d in range(dim):
-            act[out + j * dim + d] = wf[table + row * dim + d]
+            y[j, d] = rows[row, d]
     return 0
 
 
@@ -277,124 +283,167 @@ def _embed(op, pi, wf, act):
 def _activation(op, wf, act):
     # op: code, rows, width, x, out, kind, params (wf: relu's negative slope, max value (NaN: none), threshold)
     rows, width, x_off, out_off, kind, params = op[1], op[2], op[3], op[4], op[5], op[6]
-    size = rows * width
+    x = act[x_off: x_off + rows * width].reshape((rows, width))
+    y = act[out_off: out_off + rows * width].reshape((rows, width))
     if kind == _RELU:
         slope, top, threshold = wf[params], wf[params + 1], wf[params + 2]
-        for j in range(size):
-            v = act[x_off + j]
-            if v >= threshold:
-                y = v
-            elif slope != 0:
-                y = slope * (v - threshold)
-            else:
-                y = np.float32(0.0)
-            if top == top and y > top:  # top is NaN when there is no max value
-                y = top
-            act[out_off + j] = y
+        for i in range(rows):
+            for j in range(width):
+                v = x[i, j]
+                if v >= threshold:
+                    value = v
+                elif slope != 0:
+                    value = slope * (v - threshold)
+                else:
+                    value = np.float32(0.0)
+                if top == top and value > top:  # top is NaN when there is no max value
+                    value = top
+                y[i, j] = value
     elif kind == _SIGMOID:
-        for j in range(size):
-            act[out_off + j] = np.float32(1.0) / (np.float32(1.0) + np.exp(-act[x_off + j]))
+        for i in range(rows):
+            for j in range(width):
+                y[i, j] = np.float32(1.0) / (np.float32(1.0) + np.exp(-x[i, j]))
     elif kind == _TANH:
-        for j in range(size):
-            act[out_off + j] = np.tanh(act[x_off + j])
+        for i in range(rows):
+            for j in range(width):
+                y[i, j] = np.tanh(x[i, j])
     elif kind == _SOFTMAX:
         for i in range(rows):
-            x, o = x_off + i * width, out_off + i * width
-            top = act[x]
+            top = x[i, 0]
             for j in range(1, width):
-                top = max(top, act[x + j])
+                top = max(top, x[i, j])
             total = np.float32(0.0)
             for j in range(width):
-                e = np.exp(act[x + j] - top)
-                act[o + j] = e
+                e = np.exp(x[i, j] - top)
+                y[i, j] = e
                 total += e
             for j in range(width):
-                act[o + j] = act[o + j] / total
+                y[i, j] = y[i, j] / total
     elif x_off != out_off:
-        for j in range(size):
-            act[out_off + j] = act[x_off + j]
+        for i in range(rows):
+            for j in range(width):
+                y[i, j] = x[i, j]
 
 
 @numba.njit(cache=True, nogil=True)
 def _add(op, pi, act):
     # op: code, size, out, inputs, list (pi: the inputs' offsets)
     size, out, count, inputs = op[1], op[2], op[3], op[4]
+    y = act[out: out + size]
+    x = act[pi[inputs]: pi[inputs] + size]
     for j in range(size):
-        act[out + j] = act[pi[inputs] + j]
+        y[j] = x[j]
     for t in range(1, count):
-        src = pi[inputs + t]
+        x = act[pi[inputs + t]: pi[inputs + t] + size]
         for j in range(size):
-            act[out + j] += act[src + j]
+            y[j] += x[j]
 
 
 @numba.njit(cache=True, nogil=True)
 def _concat(op, pi, act):
     # op: code, outer, out, out inner, inputs, list (pi: offset, inner size per input)
     outer, out, width, count, inputs = op[1], op[2], op[3], op[4], op[5]
+    y = act[out: out + outer * width].reshape((outer, width))
     start = 0
     for t in range(count):
         src, inner = pi[inputs + 2 * t], pi[inputs + 2 * t + 1]
+        x = act[src: src + outer * inner].reshape((outer, inner))
         for i in range(outer):
+            row = y[i, start: start + inner]
             for j in range(inner):
-                act[out + i * width + start + j] = act[src + i * inner + j]
+                row[j] = x[i, j]
         start += inner
 
 
 @numba.njit(cache=True, nogil=True)
 def _permute(op, pi, act):
     # op: code, n, size per example, x, out, table (pi: out[j] = x[table[j]] within an example)
-    n, size, x, out, table = op[1], op[2], op[3], op[4], op[5]
+    n, size, x_off, out, table = op[1], op[2], op[3], op[4], op[5]
+    x = act[x_off: x_off + n * size].reshape((n, size))
+    y = act[out: out + n * size].reshape((n, size))
+    positions = pi[table: table + size]
     for b in range(n):
         for j in range(size):
-            act[out + b * size + j] = act[x + b * size + pi[table + j]]
+            y[b, j] = x[b, positions[j]]
 
 
 @numba.njit(cache=True, nogil=True)
 def _reduce(op, pi, act):
     # op: code, n, size per example, groups, group size, x, out, table (pi: each group's positions), maximum
-    n, size, groups, g, x, out, table, maximum = op[1], op[2], op[3], op[4], op[5], op[6], op[7], op[8] != 0
+    n, size, groups, g, x_off, out, table, maximum = op[1], op[2], op[3], op[4], op[5], op[6], op[7], op[8] != 0
+    x = act[x_off: x_off + n * size].reshape((n, size))
+    y = act[out: out + n * groups].reshape((n, groups))
+    positions = pi[table: table + groups * g].reshape((groups, g))
     for b in range(n):
-        base = x + b * size
         for j in range(groups):
-            cells = table + j * g
             if maximum:
-                value = act[base + pi[cells]]
+                value = x[b, positions[j, 0]]
                 for t in range(1, g):
-                    value = max(value, act[base + pi[cells + t]])
+                    value = max(value, x[b, positions[j, t]])
             else:
                 value = np.float32(0.0)
                 for t in range(g):
-                    value += act[base + pi[cells + t]]
+                    value += x[b, positions[j, t]]
                 value = value / np.float32(g)
-            act[out + b * groups + j] = value
+            y[b, j] = value
+
+
+@numba.njit(cache=True, nogil=True)
+def _layer_norm_rows(x, y, wf, gamma, beta, epsilon):
+    g = x.shape[1]
+    for i in range(x.shape[0]):
+        row, target = x[i], y[i]
+        mean = np.float32(0.0)
+        for t in range(g):
+            mean += row[t]
+        mean = mean / np.float32(g)
+        variance = np.float32(0.0)
+        for t in range(g):
+            d = row[t] - mean
+            variance += d * d
+        scale = np.float32(1.0) / np.sqrt(variance / np.float32(g) + epsilon)
+        for t in range(g):
+            target[t] = (row[t] - mean) * scale
+        if gamma >= 0:
+            for t in range(g):
+                target[t] = target[t] * wf[gamma + t]
+        if beta >= 0:
+            for t in range(g):
+                target[t] = target[t] + wf[beta + t]
 
 
 @numba.njit(cache=True, nogil=True)
 def _layer_norm(op, pi, wf, act):
     # op: code, n, size per example, groups, group size, x, out, table (pi: each group's positions, in the
-    # order of gamma and beta), gamma (wf, -1: none), beta (wf, -1: none), epsilon (wf)
-    n, size, groups, g, x, out, table = op[1], op[2], op[3], op[4], op[5], op[6], op[7]
+    # order of gamma and beta), gamma (wf, -1: none), beta (wf, -1: none), epsilon (wf), groups are rows
+    n, size, groups, g, x_off, out, table = op[1], op[2], op[3], op[4], op[5], op[6], op[7]
     gamma, beta, epsilon = op[8], op[9], wf[op[10]]
+    if op[11]:  # each group is a row (normalizing the last axis): no table
+        _layer_norm_rows(act[x_off: x_off + n * size].reshape((n * groups, g)),
+                         act[out: out + n * size].reshape((n * groups, g)), wf, gamma, beta, epsilon)
+        return
+    x = act[x_off: x_off + n * size].reshape((n, size))
+    y = act[out: out + n * size].reshape((n, size))
+    positions = pi[table: table + groups * g].reshape((groups, g))
     for b in range(n):
-        base, target = x + b * size, out + b * size
         for j in range(groups):
-            cells = table + j * g
+            cells = positions[j]
             mean = np.float32(0.0)
             for t in range(g):
-                mean += act[base + pi[cells + t]]
+                mean += x[b, cells[t]]
             mean = mean / np.float32(g)
             variance = np.float32(0.0)
             for t in range(g):
-                d = act[base + pi[cells + t]] - mean
+                d = x[b, cells[t]] - mean
                 variance += d * d
             scale = np.float32(1.0) / np.sqrt(variance / np.float32(g) + epsilon)
             for t in range(g):
-                y = (act[base + pi[cells + t]] - mean) * scale
+                value = (x[b, cells[t]] - mean) * scale
                 if gamma >= 0:
-                    y = y * wf[gamma + t]
+                    value = value * wf[gamma + t]
                 if beta >= 0:
-                    y = y + wf[beta + t]
-                act[target + pi[cells + t]] = y
+                    value = value + wf[beta + t]
+                y[b, cells[t]] = value
 
 
 @numba.njit(cache=True, nogil=True)
@@ -944,7 +993,8 @@ class TaskProgram:
             if node.op == "layer_norm":
                 gamma = self.tables.get(f"{node.name}/gamma", -1)
                 beta = self.tables.get(f"{node.name}/beta", -1)
-                rows.append([_LAYER_NORM, *common, gamma, beta, self.params[node.name]])
+                by_rows = int(np.array_equal(table, order.reshape(-1, group)))
+                rows.append([_LAYER_NORM, *common, gamma, beta, self.params[node.name], by_rows])
             else:
                 rows.append([_REDUCE, *common, int(node.op == "global_max_pool")])
         elif node.op == "attention":
