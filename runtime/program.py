@@ -24,8 +24,9 @@ that comes from such an op with an integer dtype) runs as its runtime op or refe
 Flatten and reshape cost nothing: channels-last tensors are contiguous, so their output
 is their input's buffer. Sparse dense and conv kernels run on the sliced-ELLPACK (`Sell8`) and
 1x4-block kernels of `mann_edge.runtime.fast_kernels`; a kernel small enough to sit in cache
-and not too sparse runs dense on BLAS instead (`DENSE_MAX_BYTES`). A conv gathers its windows
-through an index made once per input size, then multiplies. The interpreter is serial.
+with a quarter or more of it nonzero runs dense on BLAS instead (`DENSE_MAX_BYTES`). A conv
+gathers its windows through an index made once per input size, then multiplies. The
+interpreter is serial.
 
 Example:
     >>> program = TaskProgram(compact_model, "digits", threads=1)
@@ -73,12 +74,12 @@ _LINEAR, _RELU, _SIGMOID, _TANH, _SOFTMAX = range(5)
 _ACT_KINDS = {"linear": _LINEAR, "relu": _RELU, "sigmoid": _SIGMOID, "tanh": _TANH, "softmax": _SOFTMAX}
 _PLAIN_RELU = normalize_activation("relu")
 # A sparse kernel weight runs dense (BLAS) when its dense form stays in the core's cache (at most
-# `DENSE_MAX_BYTES`) and it is not too sparse (`DENSE_MIN_DENSITY`): BLAS then streams its rows at
-# about 20 multiply-adds per nanosecond against about 1.5 nonzeros per nanosecond for the sparse
-# kernels (128 x 128 at 10 %: 0.6 us dense, 1.2 us SELL at batch 1; 32 x 144 times 16 windows:
-# 1.0 us dense, 2.6 us sparse). Larger weights (a 1000 x 1000 layer is 4 MB) stay sparse.
+# `DENSE_MAX_BYTES`) and a quarter or more of it is nonzero (`DENSE_MIN_DENSITY`). Measured on one
+# core, 128 x 128 (us, batch 1 / batch 32; SELL against BLAS): 10 %: 0.9 / 3.6 against 0.9 / 8.1;
+# 25 %: 1.3 / 4.9 against 1.1 / 8.3; 50 %: 2.2 / 8.6 against 1.1 / 8.1. RSN2's 90 % pruned weights
+# stay sparse, as do larger weights (a 1000 x 1000 layer is 4 MB) whatever their density.
 DENSE_MAX_BYTES = 128 * 1024
-DENSE_MIN_DENSITY = 1 / 16
+DENSE_MIN_DENSITY = 1 / 4
 # errors `run_program` returns (0: none)
 _ID_OUT_OF_RANGE = 1
 
@@ -199,17 +200,17 @@ def _gather(op, pi, act):
     columns, lanes = op[9] != 0, op[10]
     x = act[x_off: x_off + n * pixels * c].reshape((n, pixels, c))
     index = pi[table: table + windows * cells].reshape((windows, cells))
-    if columns:
+    if columns:  # row by row of the output, so that the writes run along its lanes
         y = act[out_off: out_off + cells * c * lanes].reshape((cells, c, lanes))
-        y[:] = 0.0
-        for b in range(n):
-            for w in range(windows):
-                lane = b * windows + w
-                for cell in range(cells):
-                    pixel = index[w, cell]
-                    if pixel >= 0:
-                        for ch in range(c):
-                            y[cell, ch, lane] = x[b, pixel, ch]
+        for cell in range(cells):
+            for ch in range(c):
+                row = y[cell, ch]
+                for b in range(n):
+                    lanes_b = row[b * windows: (b + 1) * windows]
+                    for w in range(windows):
+                        pixel = index[w, cell]
+                        lanes_b[w] = x[b, pixel, ch] if pixel >= 0 else np.float32(0.0)
+                row[n * windows:] = 0.0
         return
     if c == 1:  # one channel (a grey image): one value per cell, without the channel loop
         xs = act[x_off: x_off + n * pixels].reshape((n, pixels))
@@ -803,7 +804,8 @@ class TaskProgram:
 
         def sparse_batch(index: int) -> bool:
             node = nodes[index]
-            return (compiled[index] and node.op == "dense" and self.layers[node.name].code in (_DENSE_SELL, _DENSE_BLOCK)
+            return (compiled[index] and node.op == "dense"
+                    and self.layers[node.name].code in (_DENSE_SELL, _DENSE_BLOCK)
                     and math.prod(shapes[node.inputs[0]][:-1]) > 1)
 
         def writes_columns(index: int) -> bool:  # an activation the kernel does not fuse runs on rows
