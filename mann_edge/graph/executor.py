@@ -75,12 +75,15 @@ def normalize_inputs(task: Task, inputs) -> dict[str, np.ndarray]:
     spec; a shape that does not match the spec, or inputs of different batch sizes, are refused.
     """
     specs = task.inputs
-    expected = ", ".join(spec.describe() for spec in specs)
+
+    def expected() -> str:  # for the errors only: this runs before every inference
+        return ", ".join(spec.describe() for spec in specs)
+
     if isinstance(inputs, Mapping):
         names = [spec.name for spec in specs]
         if set(inputs) != set(names):
             raise InputError(
-                f"Task {task.name!r} takes inputs {names}. Received: {sorted(inputs)}. Expected: {expected}"
+                f"Task {task.name!r} takes inputs {names}. Received: {sorted(inputs)}. Expected: {expected()}"
             )
         arrays = [inputs[name] for name in names]
     elif isinstance(inputs, (list, tuple)) and (len(specs) > 1 or all(hasattr(v, "shape") for v in inputs)):
@@ -89,7 +92,7 @@ def normalize_inputs(task: Task, inputs) -> dict[str, np.ndarray]:
         arrays = [inputs]
     if len(arrays) != len(specs):
         raise InputError(
-            f"Task {task.name!r} takes {len(specs)} input(s). Received: {len(arrays)}. Expected: {expected}"
+            f"Task {task.name!r} takes {len(specs)} input(s). Received: {len(arrays)}. Expected: {expected()}"
         )
     checked = {spec.name: _check_array(task, spec, array) for spec, array in zip(specs, arrays)}
     batches = {name: array.shape[0] for name, array in checked.items() if array.ndim}
@@ -104,28 +107,31 @@ def normalize_inputs(task: Task, inputs) -> dict[str, np.ndarray]:
 
 
 def _check_array(task: Task, spec: TensorSpec, value) -> np.ndarray:
-    where = f"Task {task.name!r} input '{spec.name}' (expected {spec.describe()})"
+    def where() -> str:  # for the errors only: this runs before every inference
+        return f"Task {task.name!r} input '{spec.name}' (expected {spec.describe()})"
+
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as error:
-        raise InputError(f"{where}: cannot read the value as an array ({error})") from None
+        raise InputError(f"{where()}: cannot read the value as an array ({error})") from None
     if array.dtype.kind not in "biuf":
-        raise InputError(f"{where}: takes numbers. Received dtype {array.dtype}")
+        raise InputError(f"{where()}: takes numbers. Received dtype {array.dtype}")
     if array.ndim != len(spec.shape) or any(d is not None and d != a for d, a in zip(spec.shape, array.shape)):
         hint = " (add a batch axis: x[None])" if array.shape == tuple(spec.shape[1:]) else ""
-        raise InputError(f"{where}: received shape {array.shape}{hint}")
+        raise InputError(f"{where()}: received shape {array.shape}{hint}")
     if spec.dtype.startswith("float"):
-        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
-            array = array.astype(spec.dtype, copy=False)
+        if array.dtype != spec.dtype:
+            with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+                array = array.astype(spec.dtype)
         # checked after the cast, which turns float64 values beyond float32 into inf
         if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
             bad = int(np.count_nonzero(~np.isfinite(array)))
-            raise InputError(f"{where}: holds {bad} NaN or infinite value(s) (or values too large for {spec.dtype}); "
+            raise InputError(f"{where()}: holds {bad} NaN or infinite value(s) (or values too large for {spec.dtype}); "
                              "inputs must be finite")
     elif array.dtype.kind == "f":
-        raise InputError(f"{where}: takes integer ids. Received dtype {array.dtype}")
+        raise InputError(f"{where()}: takes integer ids. Received dtype {array.dtype}")
     else:
-        _check_ids(where, array, spec.dtype, task.id_limits.get(spec.name))
+        _check_ids(where(), array, spec.dtype, task.id_limits.get(spec.name))
         array = array.astype(spec.dtype, copy=False)
     return np.ascontiguousarray(array)
 
