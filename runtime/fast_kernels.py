@@ -67,7 +67,7 @@ __all__ = [
     "PARALLEL_MIN_BLOCK_LANES",
     "LANES",
     "TILE",
-    "aligned_zeros",
+    "aligned_empty",
 ]
 
 _CACHE = True
@@ -110,16 +110,17 @@ def _activate(value, relu):
     return value
 
 
-def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
-    """Zeros whose first element sits on a 64-byte boundary (a cache line; numpy promises 16 bytes).
+def aligned_empty(shape, dtype=np.float32) -> np.ndarray:
+    """An uninitialised array whose first element sits on a 64-byte boundary (a cache line; numpy
+    promises 16 bytes).
 
     Example:
-        >>> aligned_zeros((3, 16)).ctypes.data % 64
+        >>> aligned_empty((3, 16)).ctypes.data % 64
         0
     """
     dtype = np.dtype(dtype)
     size = int(np.prod(shape)) * dtype.itemsize
-    raw = np.zeros(size + 64, np.uint8)
+    raw = np.empty(size + 64, np.uint8)
     start = -raw.ctypes.data % 64
     return raw[start: start + size].view(dtype).reshape(shape)
 
@@ -753,11 +754,12 @@ class NumbaBlockProduct:
             return out[None]
         lanes = -(-batch // TILE) * TILE
         if padding or lanes != batch:
-            xt = aligned_zeros((self.padded_cols, lanes))
+            xt = aligned_empty((self.padded_cols, lanes))
+            xt[...] = 0.0
             xt[: self.cols, :batch] = x.T
         else:  # x.T is free when x is the transposed output of the previous op
             xt = np.ascontiguousarray(x.T, np.float32)
-        out = aligned_zeros((self.rows, lanes))
+        out = aligned_empty((self.rows, lanes))
         if batch:
             block_matmat(self.indptr, self.columns, self.values, xt, self.bias, self.relu, out, parallel=parallel)
         return out[:, :batch].T
@@ -796,10 +798,11 @@ class NumbaCSRProduct:
                         parallel=self.parallel)
             return out[None]
         lanes = -(-batch // TILE) * TILE
-        out = aligned_zeros((self.rows, lanes))
+        out = aligned_empty((self.rows, lanes))
         if batch:
             if lanes != batch:
-                xt = aligned_zeros((self.cols, lanes))
+                xt = aligned_empty((self.cols, lanes))
+                xt[:, batch:] = 0.0
                 xt[:, :batch] = x.T
             else:  # x.T is free when x is the transposed output of the previous op
                 xt = np.ascontiguousarray(x.T, np.float32)

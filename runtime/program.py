@@ -58,7 +58,7 @@ from mann_edge.runtime.fast_kernels import (
     _block_matvec_serial,
     _sell_matmat_serial,
     _sell_matvec_serial,
-    aligned_zeros,
+    aligned_empty,
 )
 from mann_edge.runtime.kernels import Windows, runtime_ops
 from mann_edge.sparse import CSRWeight, to_dense
@@ -882,7 +882,9 @@ class TaskProgram:
         program = np.zeros((max(len(rows), 1), _WIDTH), np.int64)
         for i, row in enumerate(rows):
             program[i, : len(row)] = row
-        built = _Plan(program, pi.freeze(), aligned_zeros(arena.end + 1), steps, slots)
+        act = aligned_empty(arena.end + 1)
+        act[:] = 0.0
+        built = _Plan(program, pi.freeze(), act, steps, slots)
         for name, (kind, offset, size) in plan_inputs.items():
             buffer = built.act if kind == "f" else built.pi
             built.inputs.append((name, buffer[offset: offset + size].reshape(shapes[name])))
