@@ -258,7 +258,8 @@ def _pool(op, pi, act, average):
                         target[ch] += source[ch]
                 else:
                     for ch in range(c):
-                        target[ch] = max(target[ch], source[ch])
+                        if source[ch] > target[ch]:
+                            target[ch] = source[ch]
             if average:
                 count = np.float32(pi[counts + w])
                 for ch in range(c):
