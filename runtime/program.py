@@ -166,7 +166,7 @@ def _dense_block(op, wi, wf, data, columns_all, act):
     if n == 1:
         x = act[x_off: x_off + k]
         if kp != k:  # the last block reads past the inputs: zeros there
-            _to_columns(act, x_off, 1, k, op[13], kp, 1)
+            _to_columns(act, x_off, n, k, op[13], kp, n)  # n (= 1), not a literal 1: that compiled a second variant
             x = act[op[13]: op[13] + kp]
         _block_matvec_serial(indptr, columns, values, x, bias, relu, act[out_off: out_off + r])
         return
@@ -235,9 +235,10 @@ def _gather(op, pi, act):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pool(op, pi, act, average):
-    # op: code, n, windows, cells, channels, pixels, x, out, table, counts (valid cells per window);
-    # the inner loops run over contiguous channels
+def _pool(op, pi, act):
+    # op: code (max or average), n, windows, cells, channels, pixels, x, out, table, counts (valid cells per
+    # window); the inner loops run over contiguous channels
+    average = op[0] == _AVG_POOL
     n, windows, cells, c, pixels, x_off, out_off, table, counts = op[1], op[2], op[3], op[4], op[5], op[6], op[7], \
         op[8], op[9]
     x = act[x_off: x_off + n * pixels * c].reshape((n, pixels, c))
@@ -501,10 +502,8 @@ def run_program(program, first, last, wi, pi, wf, values, indices, act):
             _dense_full(op, wf, act)
         elif code == _GATHER:
             _gather(op, pi, act)
-        elif code == _MAX_POOL:
-            _pool(op, pi, act, False)
-        elif code == _AVG_POOL:
-            _pool(op, pi, act, True)
+        elif code == _MAX_POOL or code == _AVG_POOL:
+            _pool(op, pi, act)
         elif code == _EMBED:
             error = _embed(op, pi, wf, act)
             if error:
