@@ -30,8 +30,9 @@ Values may be float32 or float16 (passed as their uint16 bits, widened to float3
 kernel, so float16 weights stay half the size in memory); sums are float32, multiply-adds fused. Column
 indices keep the bundle's dtype (uint8/uint16/uint32). Every kernel exists serial and
 parallel (rows split over numba's threads in chunks of `CHUNK`); the product classes pick one
-from ``threads``. The kernels take an offset of ``xt`` that is a multiple of 16 floats best
-(`TaskProgram` aligns its buffers to 64 bytes): a 16-lane load across two cache lines costs twice.
+from ``threads``. The batch kernels run best on ``xt`` and ``out`` that start on a cache line
+(`aligned_empty`; `TaskProgram` aligns every buffer to 64 bytes): with 16-lane loads across two
+lines, a 1000 x 1000 product at batch 32 took 1.45x as long.
 Compiled code is cached on disk (``cache=True``), so only the first process to use a
 kernel pays for compiling it.
 
