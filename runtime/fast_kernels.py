@@ -49,7 +49,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic, models, overload, register_model
+from numba.extending import intrinsic, models, overload, register_jitable, register_model
 
 from mann_edge.sparse import CSRWeight
 
@@ -68,6 +68,7 @@ __all__ = [
     "PARALLEL_MIN_BLOCK_LANES",
     "LANES",
     "TILE",
+    "whole_tiles",
     "aligned_empty",
 ]
 
@@ -128,7 +129,33 @@ def aligned_empty(shape, dtype=np.float32) -> np.ndarray:
 
 TILE = 16
 """Lanes of a batch tile: the batch kernels read and write the batch in tiles of 16 (an AVX-512 register,
-two AVX ones, four NEON ones), so their callers pad it to a multiple of 16."""
+two AVX ones, four NEON ones), so their callers pad it to a multiple of 16 (`whole_tiles`)."""
+
+
+@register_jitable
+def whole_tiles(batch):
+    """``batch`` rounded up to whole tiles (`TILE`): the lanes a batch kernel reads and writes. Plain Python,
+    and inlined where compiled code calls it.
+
+    Example:
+        >>> whole_tiles(1), whole_tiles(16), whole_tiles(17)
+        (16, 16, 32)
+    """
+    return (batch + TILE - 1) // TILE * TILE
+
+
+def _as_columns(x: np.ndarray, rows: int, lanes: int) -> np.ndarray:
+    """``x`` (batch, inputs) transposed into (rows, lanes), zero past the inputs and past the batch (the
+    padding the kernels read); ``x.T`` itself when it needs none, free when ``x`` is the transposed output
+    of the previous product."""
+    batch, inputs = x.shape
+    if rows == inputs and lanes == batch:
+        return np.ascontiguousarray(x.T, np.float32)
+    xt = aligned_empty((rows, lanes))
+    xt[inputs:] = 0.0
+    xt[:inputs, batch:] = 0.0
+    xt[:inputs, :batch] = x.T
+    return xt
 CHUNK = 16
 """Rows (slices for `sell_matvec`) a parallel kernel hands to a thread at a time. Each compiled call
 updates the reference counts of its array arguments (about 60 ns): a kernel that made one call per
@@ -753,16 +780,11 @@ class NumbaBlockProduct:
             out = np.empty(self.rows, np.float32)
             block_matvec(self.indptr, self.columns, self.values, vector, self.bias, self.relu, out, parallel=parallel)
             return out[None]
-        lanes = -(-batch // TILE) * TILE
-        if padding or lanes != batch:
-            xt = aligned_empty((self.padded_cols, lanes))
-            xt[...] = 0.0
-            xt[: self.cols, :batch] = x.T
-        else:  # x.T is free when x is the transposed output of the previous op
-            xt = np.ascontiguousarray(x.T, np.float32)
+        lanes = whole_tiles(batch)
         out = aligned_empty((self.rows, lanes))
         if batch:
-            block_matmat(self.indptr, self.columns, self.values, xt, self.bias, self.relu, out, parallel=parallel)
+            block_matmat(self.indptr, self.columns, self.values, _as_columns(x, self.padded_cols, lanes), self.bias,
+                         self.relu, out, parallel=parallel)
         return out[:, :batch].T
 
 
@@ -798,15 +820,8 @@ class NumbaCSRProduct:
             sell_matvec(self.sell, np.ascontiguousarray(x[0], np.float32), self.bias, self.relu, out,
                         parallel=self.parallel)
             return out[None]
-        lanes = -(-batch // TILE) * TILE
+        lanes = whole_tiles(batch)
         out = aligned_empty((self.rows, lanes))
         if batch:
-            if lanes != batch:
-                xt = aligned_empty((self.cols, lanes))
-                xt[:, batch:] = 0.0
-                xt[:, :batch] = x.T
-            else:  # x.T is free when x is the transposed output of the previous op
-                xt = np.ascontiguousarray(x.T, np.float32)
-            sell_matmat(self.sell, xt, self.bias, self.relu, out, parallel=self.parallel)
-        out = out[:, :batch]
-        return out.T
+            sell_matmat(self.sell, _as_columns(x, self.cols, lanes), self.bias, self.relu, out, parallel=self.parallel)
+        return out[:, :batch].T

@@ -51,7 +51,6 @@ from mann_edge.graph.model import CompactModel, Node
 from mann_edge.graph.ops import bind
 from mann_edge.runtime.fast_kernels import (
     LANES,
-    TILE,
     Blocks1x4,
     Sell8,
     _block_matmat_serial,
@@ -59,6 +58,7 @@ from mann_edge.runtime.fast_kernels import (
     _sell_matmat_serial,
     _sell_matvec_serial,
     aligned_empty,
+    whole_tiles,
 )
 from mann_edge.runtime.kernels import Windows, runtime_ops
 from mann_edge.sparse import CSRWeight, to_dense
@@ -131,7 +131,7 @@ def _dense_sell(op, wi, wf, data, indices_all, act):
     if n == 1:
         _sell_matvec_serial(sptr, indices, values, perm, act[x_off: x_off + k], bias, relu, act[out_off: out_off + r])
         return
-    lanes = (n + TILE - 1) // TILE * TILE
+    lanes = whole_tiles(n)
     s, xt = _batch_input(op, act, k, k, lanes)
     y = out_off if op[9] else s
     _sell_matmat_serial(sptr, indices, values, perm, lengths, xt, lanes, bias, relu, act[y: y + r * lanes])
@@ -170,7 +170,7 @@ def _dense_block(op, wi, wf, data, columns_all, act):
             x = act[op[13]: op[13] + kp]
         _block_matvec_serial(indptr, columns, values, x, bias, relu, act[out_off: out_off + r])
         return
-    lanes = (n + TILE - 1) // TILE * TILE
+    lanes = whole_tiles(n)
     s, xt = _batch_input(op, act, k, kp, lanes)
     y = out_off if op[9] else s
     _block_matmat_serial(indptr, columns, values, xt, lanes, bias, relu, act[y: y + r * lanes])
@@ -866,7 +866,7 @@ class TaskProgram:
                 continue
             sizes[node.name] = math.prod(shape)
             if node.name in columnar:
-                sizes[node.name] = shape[-1] * ((math.prod(shape[:-1]) + TILE - 1) // TILE * TILE)
+                sizes[node.name] = shape[-1] * whole_tiles(math.prod(shape[:-1]))
             out = arena.take(sizes[node.name])
             slots[node.name] = (out, shape)
             start = len(rows)
@@ -926,7 +926,7 @@ class TaskProgram:
                 pixels = np.where(index[:, :, 0] < height * width * channels, index[:, :, 0] // channels, -1)
                 count = n * pixels.shape[0]
                 columns = self._takes_columns(layer) and count > 1
-                lanes = (count + TILE - 1) // TILE * TILE if columns else count  # the batch kernels' tiles
+                lanes = whole_tiles(count) if columns else count
                 patches = arena.take(lanes * layer.cols)
                 scratch.append((patches, lanes * layer.cols))
                 rows.append([_GATHER, n, pixels.shape[0], kh * kw, channels, height * width, x, patches,
@@ -944,7 +944,7 @@ class TaskProgram:
                 row[7] = int((node.op == "conv2d" and columns) or (node.op == "dense" and node.inputs[0] in columnar))
                 row[9] = int(node.name in columnar)
                 padded = row[14] if layer.code == _DENSE_BLOCK else layer.cols
-                lanes = (count + TILE - 1) // TILE * TILE
+                lanes = whole_tiles(count)
                 if layer.code == _DENSE_SELL and count == 1:
                     size = 0
                 elif count == 1:
