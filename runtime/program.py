@@ -393,6 +393,7 @@ def _reduce(op, pi, act):
 
 @numba.njit(cache=True, nogil=True)
 def _layer_norm_rows(x, y, wf, gamma, beta, epsilon):
+    # each row of x normalized into y (y may be x)
     g = x.shape[1]
     for i in range(x.shape[0]):
         row, target = x[i], y[i]
@@ -428,25 +429,15 @@ def _layer_norm(op, pi, wf, act):
     x = act[x_off: x_off + n * size].reshape((n, size))
     y = act[out: out + n * size].reshape((n, size))
     positions = pi[table: table + groups * g].reshape((groups, g))
+    group = np.empty((1, g), np.float32)  # one group gathered into a row, normalized in place, put back
     for b in range(n):
         for j in range(groups):
             cells = positions[j]
-            mean = np.float32(0.0)
             for t in range(g):
-                mean += x[b, cells[t]]
-            mean = mean / np.float32(g)
-            variance = np.float32(0.0)
+                group[0, t] = x[b, cells[t]]
+            _layer_norm_rows(group, group, wf, gamma, beta, epsilon)
             for t in range(g):
-                d = x[b, cells[t]] - mean
-                variance += d * d
-            scale = np.float32(1.0) / np.sqrt(variance / np.float32(g) + epsilon)
-            for t in range(g):
-                value = (x[b, cells[t]] - mean) * scale
-                if gamma >= 0:
-                    value = value * wf[gamma + t]
-                if beta >= 0:
-                    value = value + wf[beta + t]
-                y[b, cells[t]] = value
+                y[b, cells[t]] = group[0, t]
 
 
 @numba.njit(cache=True, nogil=True)
