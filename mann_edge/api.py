@@ -481,15 +481,14 @@ def measure_export(path: "str | os.PathLike", *, repeats: int = MEASURE_REPEATS,
 
 def _measure_worker() -> None:
     """The measuring process of `measure_export`: a JSON spec on stdin, the figures as JSON on stdout."""
-    import importlib
     import json
     import statistics
 
     from mann_edge import runtime
-    from mann_edge.benchmark import _peak_rss_bytes  # the benchmark's measure of memory, so the figures compare
+    from mann_edge.benchmark import _import_backend, _peak_rss_bytes  # the benchmark's measures, so the figures compare
 
     spec = json.loads(sys.stdin.read())
-    importlib.import_module(detect_format(spec["path"]).runtime_module)
+    _import_backend(runtime.detect_format(spec["path"]))
     baseline = _peak_rss_bytes()
     session = runtime.load(spec["path"], threads=1)
     spec_batch = int(spec.get("batch", 1))

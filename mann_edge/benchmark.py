@@ -220,8 +220,12 @@ def _peak_rss_bytes() -> int:
 
 
 def _import_backend(kind: str) -> None:
-    """Imports what the backend's session needs, so the memory baseline includes the libraries."""
+    """Imports what the backend's session needs, so the memory baseline includes the libraries.
+
+    The session's own module too, so that `load` times loading the model, not importing Python code.
+    """
     importlib.import_module(FORMATS[kind].runtime_module)
+    FORMATS[kind].session_class()
     if kind == "mann":
         from mann_edge.runtime.kernels import kernel_backend
 

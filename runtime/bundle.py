@@ -46,9 +46,11 @@ class BundleSession(Session):
     def __init__(self, path, model: CompactModel | None = None, threads: int | None = None):
         self.ops = runtime_ops(threads)
         self.threads = threads
-        if kernel_backend() == "numba":
-            import mann_edge.runtime.program  # noqa: F401  (numba's compiler context, set up once per process)
         self.model = load_compact(path) if model is None else model
+        if kernel_backend() == "numba":
+            from mann_edge.runtime.program import preload
+
+            preload(self.model)
         super().__init__(path, self.model.tasks)
         self._executors: dict[str, Executor] = {}
         self._programs: dict = {}

@@ -326,18 +326,66 @@ def test_duplicate_zip_entries_and_json_keys_are_refused(tmp_path):
         safetensors_codec.decode(len(header).to_bytes(8, "little") + header + b"\0" * 4)
 
 
+def _header_offset(data: bytes, signature: bytes, nth: int) -> int:
+    """Where the ``nth`` zip header with ``signature`` starts (entries in order: the manifest, then the weights)."""
+    at = -1
+    for _ in range(nth + 1):
+        at = data.index(signature, at + 1)
+    return at
+
+
+@pytest.mark.parametrize("entry", [MANIFEST, WEIGHTS])
 @pytest.mark.parametrize("flags", [0x1, 0x20, 0x40], ids=["encrypted", "patched data", "strong encryption"])
-def test_zip_entries_claiming_encryption_or_patches_are_refused(flags, tmp_path):
-    # damaged headers found by the damage fuzz: zipfile raised RuntimeError / NotImplementedError for these
+def test_zip_entries_claiming_encryption_or_patches_are_refused(flags, entry, tmp_path):
+    # damaged headers found by the damage fuzz: zipfile raised RuntimeError / NotImplementedError for these; the
+    # weights (stored) are read without zipfile, so they are checked on their own
     entries = hostile.bundle_bytes(hostile.every_op_model(), tmp_path)
     data = bytearray(hostile.write_zip(tmp_path / "clean.mann", entries).read_bytes())
-    # the manifest is the first entry: set the flags in its local header (offset 6) and central record (offset 8)
+    # set the flags in the entry's local header (offset 6) and central record (offset 8)
     for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        at = data.index(signature) + offset
+        at = _header_offset(data, signature, [MANIFEST, WEIGHTS].index(entry)) + offset
         data[at:at + 2] = (int.from_bytes(data[at:at + 2], "little") | flags).to_bytes(2, "little")
     path = tmp_path / "flags.mann"
     path.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"flags.mann: cannot read manifest.json .*truncated or corrupt"):
+    with pytest.raises(BundleError, match=rf"flags.mann: cannot read {entry} .*truncated or corrupt"):
+        mann_edge.load_compact(path)
+
+
+def test_a_weights_entry_whose_local_header_names_another_file_is_refused(tmp_path):
+    entries = hostile.bundle_bytes(hostile.every_op_model(), tmp_path)
+    data = bytearray(hostile.write_zip(tmp_path / "clean.mann", entries).read_bytes())
+    at = _header_offset(data, b"PK\x03\x04", 1) + 30  # the weights' local header, then its name
+    data[at:at + len(WEIGHTS)] = WEIGHTS.replace("weights", "weightz").encode()
+    path = tmp_path / "renamed.mann"
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"renamed.mann: cannot read weights.safetensors \(its local zip header "
+                                          r"names another entry\)"):
+        mann_edge.load_compact(path)
+
+
+def test_a_weights_entry_running_past_the_end_of_the_file_is_refused(tmp_path):
+    entries = hostile.bundle_bytes(hostile.every_op_model(), tmp_path)
+    claimed = len(entries[WEIGHTS]) + 10**6
+    manifest = json.loads(entries[MANIFEST])
+    manifest["weights_file"]["bytes"] = claimed
+    data = bytearray(hostile.write_zip(tmp_path / "clean.mann", {MANIFEST: json.dumps(manifest).encode(),
+                                                                  WEIGHTS: entries[WEIGHTS]}).read_bytes())
+    at = _header_offset(data, b"PK\x01\x02", 1)  # the weights' central record: sizes at offsets 20 and 24
+    data[at + 20:at + 28] = claimed.to_bytes(4, "little") * 2
+    path = tmp_path / "short.mann"
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=rf"short.mann: cannot read weights.safetensors \(it ends after \d+ of its "
+                                          rf"{claimed} bytes\); the file is truncated or corrupt"):
+        mann_edge.load_compact(path)
+
+
+def test_weights_damaged_past_reading_are_reported_as_not_matching_their_hash(tmp_path):
+    # the hash is checked beside the arrays (on a second thread); its verdict is the one reported
+    entries = hostile.bundle_bytes(hostile.every_op_model(), tmp_path)
+    weights = bytearray(entries[WEIGHTS])
+    weights[:8] = (len(weights) * 2).to_bytes(8, "little")  # a safetensors header longer than the file
+    path = hostile.write_zip(tmp_path / "damaged.mann", {MANIFEST: entries[MANIFEST], WEIGHTS: bytes(weights)})
+    with pytest.raises(BundleError, match=r"damaged.mann: weights.safetensors does not match the manifest's sha256"):
         mann_edge.load_compact(path)
 
 

@@ -421,3 +421,93 @@ def test_large_runs_with_threads_go_op_by_op_on_the_parallel_kernels(monkeypatch
         x = rng.normal(0, 1, (batch, 70)).astype(np.float32)
         np.testing.assert_allclose(session.run("task", x)[0], model.run("task", x)[0], atol=1e-5, rtol=1e-5)
         assert ("task" in session._executors) == (batch == 9)
+
+
+def _mlp_and_conv_models(rng):
+    stack = _Graph([("x", (None, 20), "float32")])
+    hidden = stack.add("a", "dense", ["x"], {"activation": "relu"}, (None, 16), kernel=_sparse(rng, (20, 16), 0.3))
+    stack.add("b", "dense", [hidden], {"activation": "softmax"}, (None, 4), kernel=_sparse(rng, (16, 4), 0.5))
+    conv = _Graph([("image", (None, 6, 6, 2), "float32")])
+    feature = conv.add("conv", "conv2d", ["image"], {"strides": [1, 1], "padding": "same", "dilation": [1, 1],
+                                                     "activation": "relu"}, (None, None, None, 3),
+                       kernel=_sparse(rng, (3, 3, 2, 3), 0.5))
+    conv.add("flat", "flatten", [feature], {}, (None, None))
+    return stack.model([("b", (None, 4))]), conv.model([("flat", (None, 108))])
+
+
+def test_a_layer_stack_runs_on_the_stack_interpreter_and_the_full_one_gives_the_same(kernel_choice):
+    from mann_edge.runtime import program as program_module
+
+    rng = np.random.default_rng(21)
+    stack_model, conv_model = _mlp_and_conv_models(rng)
+    x = rng.normal(0, 1, (3, 20)).astype(np.float32)
+    program = _program(_check(stack_model, [x]))
+    assert program.interpreter is program_module.run_stack_program
+    assert _program(_check(conv_model, [rng.normal(0, 1, (2, 6, 6, 2)).astype(np.float32)])).interpreter \
+        is program_module.run_program
+    # every op of a layer stack is one the full interpreter runs too, with the same code
+    plan = program.plan({"x": x.shape})
+    results = []
+    for interpreter in (program_module.run_stack_program, program_module.run_program):
+        plan.inputs[0][1][...] = x
+        assert interpreter(plan.program, 0, len(plan.program), program.wi, plan.pi, program.wf, program.values,
+                           program.indices, plan.act) == 0
+        results.append(plan.outputs[0][1].copy())
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_allclose(results[0], stack_model.run("task", x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_preloaded_signature_is_the_one_a_run_calls(dtype):
+    # preloading a signature other than the run's would load (or compile) an interpreter nobody calls
+    import numba
+
+    from mann_edge.runtime import program as program_module
+
+    rng = np.random.default_rng(22)
+    for model in _mlp_and_conv_models(rng):
+        model = model.astype(dtype)
+        session = BundleSession("model.mann", model=model, threads=1)  # starts the preload
+        program_module._finish_preloads()
+        task = model.tasks[0]
+        x = rng.normal(0, 1, (2, *task.inputs[0].shape[1:])).astype(np.float32)
+        session.run("task", x)
+        program = _program(session)
+        plan = program.plan({task.inputs[0].name: x.shape})
+        run_types = tuple(numba.typeof(argument) for argument in (
+            plan.program, 0, len(plan.program), program.wi, plan.pi, program.wf, program.values, program.indices,
+            plan.act))
+        values, indices = program_module._kernel_dtypes(program.nodes, program.weights)
+        assert program_module._argument_types(values, indices) == run_types
+        assert run_types in program.interpreter.signatures
+
+
+def test_a_fork_while_the_interpreter_preloads_leaves_the_child_able_to_run(tmp_path):
+    # the child of a fork made while the preload held numba's compiler lock would wait for it forever; a fresh
+    # process, so the preload is still loading when it forks
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(23)
+    model = _mlp_and_conv_models(rng)[0]
+    model.save(tmp_path / "model.mann")
+    x = rng.normal(0, 1, (1, 20)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = f"""
+import multiprocessing, numpy as np
+from mann_edge import runtime
+session = runtime.load({str(tmp_path / "model.mann")!r}, threads=1)
+x = np.load({str(tmp_path / "x.npy")!r})
+context = multiprocessing.get_context("fork")
+results = context.Queue()
+child = context.Process(target=lambda: results.put(session.run("task", x)[0]))
+child.start()
+child.join(60)
+if child.is_alive():
+    child.kill()
+    raise SystemExit("the forked child did not finish a one-example run in 60 s")
+np.save({str(tmp_path / "y.npy")!r}, results.get(timeout=10))
+"""
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.run("task", x)[0], atol=1e-5, rtol=1e-5)
