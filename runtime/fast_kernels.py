@@ -731,12 +731,18 @@ class Blocks1x4:
         blocks = int(np.count_nonzero(starts))
         if weight.nnz < min_fill * BLOCK * blocks:
             return None
+        index_dtype = np.uint16 if (cols - 1) // BLOCK <= 0xFFFF else np.uint32
+        if weight.nnz == BLOCK * blocks:
+            # every block full (RSN2's block masks): a block is four consecutive CSR entries, columns rising, so
+            # the values are the CSR's in its order, and a row's blocks are a quarter of its entries
+            return cls(rows, cols, weight.indptr.astype(np.int64) // BLOCK,
+                       block_column[::BLOCK].astype(index_dtype), weight.data.copy(), weight.nnz)
         row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(weight.indptr.astype(np.int64)))
         column = weight.indices.astype(np.int64)
         block_of = np.cumsum(starts) - 1
         indptr = np.zeros(rows + 1, np.int64)
         np.cumsum(np.bincount(row_of[starts], minlength=rows), out=indptr[1:])
-        columns = (column[starts] // BLOCK).astype(np.uint16 if (cols - 1) // BLOCK <= 0xFFFF else np.uint32)
+        columns = (column[starts] // BLOCK).astype(index_dtype)
         values = np.zeros(blocks * BLOCK, weight.data.dtype)
         values[block_of * BLOCK + column % BLOCK] = weight.data
         return cls(rows, cols, indptr, columns, values, weight.nnz)

@@ -466,3 +466,25 @@ def test_the_pruned_fixture_runs_the_same_on_every_kernel_path(backend, pruned_c
         for batch in (1, 32):
             x = np.random.default_rng(batch).normal(0, 1, (batch, 256)).astype(np.float32)
             np.testing.assert_allclose(session.run(task.name, x)[0], pruned_compact.run(task.name, x)[0], atol=ATOL)
+
+
+@numba_only
+@pytest.mark.parametrize("full", [True, False], ids=["full blocks", "one block with a zero"])
+def test_full_blocks_take_the_csr_values_in_order_as_partial_ones_are_laid_out(full):
+    # every block full (RSN2's block masks) skips the general layout; both must give the same blocks
+    from mann_edge.runtime.fast_kernels import Blocks1x4
+
+    rng = np.random.default_rng(16)
+    matrix = np.repeat(rng.random((9, 5)) < 0.4, 4, axis=1)[:, :18] * rng.normal(0, 1, (9, 18)).astype(np.float32)
+    matrix[:, 16:] = 0  # the last block column holds two inputs: keep it empty, so every block can be full
+    matrix[1] = 0  # an empty row
+    if not full:
+        matrix[np.nonzero(matrix)[0][0], np.nonzero(matrix)[1][0]] = 0
+    blocks = Blocks1x4.from_csr(CSRWeight.from_dense(matrix.T, "oi"), min_fill=0.5)
+    assert (blocks.fill == 1.0) == full
+    dense = np.zeros((9, blocks.padded_cols), np.float32)
+    for row in range(9):
+        for b in range(blocks.indptr[row], blocks.indptr[row + 1]):
+            dense[row, 4 * blocks.columns[b]: 4 * blocks.columns[b] + 4] = blocks.values[4 * b: 4 * b + 4]
+    np.testing.assert_array_equal(dense[:, :18], matrix)
+    assert blocks.values.flags.writeable and blocks.columns.dtype == np.uint16
