@@ -19,6 +19,8 @@ else ``getrusage`` ``ru_maxrss``), also minus the resident memory after the runt
 The bundle's first run on a fresh machine (numba compiling its kernels into an empty cache) is
 measured once (``cold_start``). Per task the kernels' weight bytes per run and per nonzero, the
 GB/s they reach at batch 1 and the floor those bytes set at the measured one-core memory bandwidth.
+With ``rounds`` > 1 every backend is measured in that many processes, in turns with the others,
+and each figure is the median over them.
 
 Example:
     >>> result = run_benchmark(repeats=50, threads=(1,))                 # the paper-scale model
@@ -298,6 +300,21 @@ def _measure_in_subprocess(name: str, path: Path, threads: int, repeats: int, se
     return json_module.loads(lines[-1])
 
 
+def _median_of_rounds(entries: list[dict]) -> dict:
+    """One backend's figures from its processes (rounds): the median of each; the outputs from the first."""
+    merged = {**entries[0], "rounds": len(entries)}
+    for key in ("import_s", "load_s", "first_run_s", "peak_rss_bytes", "baseline_rss_bytes"):
+        merged[key] = statistics.median(entry[key] for entry in entries)
+    merged["start_s"] = merged["load_s"] + merged["first_run_s"]
+    merged["tasks"] = {
+        task: {batch: {stat: statistics.median(entry["tasks"][task][batch][stat] for entry in entries)
+                       for stat in timing}
+               for batch, timing in by_batch.items()}
+        for task, by_batch in entries[0]["tasks"].items()
+    }
+    return merged
+
+
 def _cold_start(path: Path, seed: int) -> dict:
     """The bundle's start-up on a fresh machine: numba compiles every kernel into an empty cache."""
     with tempfile.TemporaryDirectory(prefix="mann_edge_numba_cache_") as cache:
@@ -438,7 +455,8 @@ def _model_info(cm, label: str, **extra) -> dict:
 
 
 def _measure_model(cm, info: dict, names, settings, repeats: int, directory: Path, seed: int, batches, *,
-                   paths: dict | None = None, cold_start: bool = True, bandwidth: float | None = None) -> dict:
+                   paths: dict | None = None, cold_start: bool = True, bandwidth: float | None = None,
+                   rounds: int = 1) -> dict:
     """Exports ``cm`` (unless ``paths`` gives the artifacts), measures ``names`` on it, checks their outputs."""
     notes: list[str] = []
     conversion: dict = {}
@@ -447,21 +465,29 @@ def _measure_model(cm, info: dict, names, settings, repeats: int, directory: Pat
         if set(names) == set(BACKENDS):  # the full benchmark also times every format's conversion (Core ML too)
             needed += list(EXPORT_FORMATS)
         paths, conversion, notes = _export_all(cm, directory, list(dict.fromkeys(needed)))
-    measured: dict[str, dict] = {}
+    jobs = []
     for name in names:
-        artifact = BACKENDS[name][0]
-        if artifact not in paths:
-            notes.append(f"{name}: not measured, its artifact {artifact!r} was not exported")
-            continue
-        for setting in settings:
-            _progress(f"measuring {name} on {info['label']} with {setting} thread(s) ...")
+        if BACKENDS[name][0] in paths:
+            jobs += [(name, setting) for setting in settings]
+        else:
+            notes.append(f"{name}: not measured, its artifact {BACKENDS[name][0]!r} was not exported")
+    runs: dict[tuple, list] = {}
+    # every backend once per round: a slow spell of the shared machine then falls on all of them, not on one
+    for round_number in range(1, rounds + 1):
+        for name, setting in jobs:
+            path = paths[BACKENDS[name][0]]
+            _progress(f"measuring {name} on {info['label']} with {setting} thread(s)"
+                      f"{f' (round {round_number} of {rounds})' if rounds > 1 else ''} ...")
             try:
-                if _compiles_kernels(name):  # start-up is timed with the kernels compiled once on this machine
-                    _measure_in_subprocess(name, paths[artifact], setting, 1, seed, batches)
-                measured.setdefault(name, {})[str(setting)] = _measure_in_subprocess(
-                    name, paths[artifact], setting, repeats, seed, batches)
+                if round_number == 1 and _compiles_kernels(name):  # start-up is timed with the kernels compiled once
+                    _measure_in_subprocess(name, path, setting, 1, seed, batches)
+                runs.setdefault((name, setting), []).append(
+                    _measure_in_subprocess(name, path, setting, repeats, seed, batches))
             except RuntimeError as error:
                 notes.append(str(error))
+    measured: dict[str, dict] = {}
+    for (name, setting), entries in runs.items():
+        measured.setdefault(name, {})[str(setting)] = _median_of_rounds(entries)
 
     references = {task.name: cm.run(task.name, task_inputs(task, max(batches), seed)) for task in cm.tasks}
     for name, by_threads in measured.items():  # how far each backend is from the reference ops
@@ -497,7 +523,8 @@ def _measure_model(cm, info: dict, names, settings, repeats: int, directory: Pat
     }
 
 
-def _paper_part(mask: str, names, settings, repeats, directory: Path, seed, batches, cold_start, bandwidth) -> dict:
+def _paper_part(mask: str, names, settings, repeats, directory: Path, seed, batches, cold_start, bandwidth,
+                rounds) -> dict:
     import mann_edge
 
     _progress(f"building the paper-scale model (784 -> 6x1000 -> 10, 2 tasks, 90 % pruned, {mask} masks) ...")
@@ -507,7 +534,7 @@ def _paper_part(mask: str, names, settings, repeats, directory: Path, seed, batc
                        layers=f"{INPUTS} -> {len(HIDDEN)}x{HIDDEN[0]} -> {CLASSES}", sparsity_percent=SPARSITY,
                        mask=mask, build_and_compact_s=time.perf_counter() - start)
     return _measure_model(cm, info, names, settings, repeats, directory, seed, batches, cold_start=cold_start,
-                          bandwidth=bandwidth)
+                          bandwidth=bandwidth, rounds=rounds)
 
 
 def _settings(threads) -> list[int]:
@@ -537,6 +564,7 @@ def run_benchmark(
     masks: Sequence[str] | None = None,
     batches: Sequence[int] = BATCHES,
     cold_start: bool = True,
+    rounds: int = 1,
 ) -> dict:
     """Measures every backend on the paper-scale model (per mask kind) or on ``model``.
 
@@ -552,6 +580,9 @@ def run_benchmark(
         masks: mask kinds of the paper-scale model from `MASKS` (default: all); not with ``model``.
         batches: batch sizes to time.
         cold_start: also measure the bundle's first start with an empty kernel cache (about 30 s).
+        rounds: processes per backend and thread setting, measured in turns (every backend once per
+            round); each figure is the median over them. On shared cores a process can run 25 %
+            slower than the next: small models' ratios need a few rounds.
 
     Returns:
         A dict: ``models`` (label -> ``model`` (sizes), ``conversion_s``, ``artifacts`` (path, bytes),
@@ -570,6 +601,8 @@ def run_benchmark(
     mask_names = _check_names(list(MASKS) if masks is None else masks, MASKS, "masks")
     if repeats < 1:
         raise ValueError(f"`repeats` must be a positive int. Received: repeats={repeats!r}")
+    if rounds < 1:
+        raise ValueError(f"`rounds` must be a positive int. Received: rounds={rounds!r}")
     batches = sorted({int(b) for b in batches})
     if not batches or batches[0] < 1:
         raise ValueError(f"`batches` must be positive ints. Received: batches={batches!r}")
@@ -585,7 +618,7 @@ def run_benchmark(
             for mask in mask_names:
                 (directory / mask).mkdir(parents=True, exist_ok=True)
                 parts[mask] = _paper_part(mask, names, settings, repeats, directory / mask, seed, batches,
-                                          cold_start, bandwidth)
+                                          cold_start, bandwidth, rounds)
         else:
             from mann_edge.sources import load_source
 
@@ -594,24 +627,24 @@ def run_benchmark(
             cm = load_source(model, task_names)
             (directory / "model").mkdir(parents=True, exist_ok=True)
             parts[label] = _measure_model(cm, _model_info(cm, label), names, settings, repeats, directory / "model",
-                                          seed, batches, cold_start=cold_start, bandwidth=bandwidth)
+                                          seed, batches, cold_start=cold_start, bandwidth=bandwidth, rounds=rounds)
         load_after = _load_average()
     if out_dir is None:  # the files are gone with the temporary directory
         for entry in (a for m in parts.values() for a in m["artifacts"].values()):
             entry["path"] = None
-    result = {"models": parts, "threads": settings, "batches": batches, "repeats": repeats,
+    result = {"models": parts, "threads": settings, "batches": batches, "repeats": repeats, "rounds": rounds,
               "machine": _machine(load_before, load_after, bandwidth)}
     return json_module.loads(json_module.dumps(result)) if json else result
 
 
 def measure_exports(cm, paths: dict, *, repeats: int, threads: Sequence[int | None] = (1,),
-                    batches: Sequence[int] = (1,), seed: int = SEED, label: str = "model") -> dict:
+                    batches: Sequence[int] = (1,), seed: int = SEED, label: str = "model", rounds: int = 1) -> dict:
     """Measures already exported artifacts of ``cm`` as `run_benchmark` does (the demo's table comes from here).
 
     Args:
         cm: the compact model (the reference for the outputs).
         paths: artifact name (a key of `ARTIFACTS`: 'mann', 'tflite', 'onnx', ...) -> its path.
-        repeats, threads, batches, seed: as `run_benchmark`.
+        repeats, threads, batches, seed, rounds: as `run_benchmark`.
 
     Returns:
         A dict shaped as ``run_benchmark(...)`` (one model, ``label``); backends whose artifact is
@@ -625,9 +658,9 @@ def measure_exports(cm, paths: dict, *, repeats: int, threads: Sequence[int | No
     settings = _settings(threads)
     load_before = _load_average()
     part = _measure_model(cm, _model_info(cm, label), names, settings, repeats, Path("."), seed, sorted(set(batches)),
-                          paths={k: Path(v) for k, v in paths.items()}, cold_start=False)
+                          paths={k: Path(v) for k, v in paths.items()}, cold_start=False, rounds=rounds)
     return {"models": {label: part}, "threads": settings, "batches": sorted(set(batches)), "repeats": repeats,
-            "machine": _machine(load_before, _load_average(), None)}
+            "rounds": rounds, "machine": _machine(load_before, _load_average(), None)}
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -741,6 +774,9 @@ def format_report(result: dict) -> str:
         f"{result['repeats']} runs, ms. Memory: peak RSS (VmHWM; ru_maxrss off Linux) of a fresh process per backend; "
         "'model' = peak minus the RSS after the runtime's imports. Start-up = load + 1st run.",
     ]
+    if result.get("rounds", 1) > 1:
+        lines.append(f"Each backend ran in {result['rounds']} processes, in turns with the others; every figure is "
+                     "the median over them.")
     for part in result["models"].values():
         lines += [""] + _model_report(part, result["threads"], result["batches"])
     return "\n".join(lines + _summary(result))
@@ -819,6 +855,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a .keras, .h5 or .mann model to measure (default: the paper-scale model)")
     parser.add_argument("--task-names", default=None, help="names for the model's tasks, comma-separated, in output order")
     parser.add_argument("--repeats", type=int, default=200, help="timed runs per task and batch size (default 200)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="processes per backend, measured in turns; figures are their medians (default 1)")
     parser.add_argument("--threads", type=_threads_list, default=[1, None],
                         help="thread settings, comma-separated; 'all' = every core (default: 1,all)")
     parser.add_argument("--batches", type=_batch_list, default=list(BATCHES),
@@ -841,7 +879,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(model=getattr(args, "model", None), task_names=names(getattr(args, "task_names", None)),
                            repeats=args.repeats, threads=tuple(args.threads), json=args.json, out_dir=args.out,
                            backends=names(args.backends), masks=names(getattr(args, "masks", None)),
-                           batches=getattr(args, "batches", BATCHES), cold_start=not getattr(args, "no_cold_start", False))
+                           batches=getattr(args, "batches", BATCHES), cold_start=not getattr(args, "no_cold_start", False),
+                           rounds=getattr(args, "rounds", 1))
     print(json_module.dumps(result, indent=1) if args.json else format_report(result))
     return 0
 

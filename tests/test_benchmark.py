@@ -107,3 +107,29 @@ def test_the_bundle_is_timed_after_a_process_compiled_its_kernels(tmp_path, monk
     benchmark.run_benchmark(model=path, repeats=2, threads=(1,), batches=(1,), backends=["bundle", "bundle_scipy"],
                             cold_start=False)
     assert calls == [("bundle", 1, 1), ("bundle", 1, 2), ("bundle_scipy", 1, 2)]
+
+
+def test_rounds_measure_every_backend_in_turns_and_report_the_median(tmp_path, monkeypatch):
+    path = _bundle(tmp_path)
+    calls = []
+    real = benchmark._measure_in_subprocess
+
+    def recording(name, artifact, threads, repeats, *args, **kwargs):
+        entry = real(name, artifact, threads, repeats, *args, **kwargs)
+        if repeats > 1:  # a timed process: mark its load time with its turn
+            calls.append(name)
+            entry["load_s"] = float(len(calls))
+            entry["tasks"]["left"]["1"]["median_s"] = 10.0 * len(calls)
+        return entry
+
+    monkeypatch.setattr(benchmark, "_measure_in_subprocess", recording)
+    result = benchmark.run_benchmark(model=path, repeats=2, threads=(1,), batches=(1,), rounds=3,
+                                     backends=["bundle", "bundle_scipy"], cold_start=False)
+    assert calls == ["bundle", "bundle_scipy"] * 3
+    bundle = result["models"]["mine.mann"]["backends"]["bundle"]["1"]
+    assert bundle["rounds"] == 3 and bundle["load_s"] == 3.0  # turns 1, 3, 5
+    assert bundle["tasks"]["left"]["1"]["median_s"] == 30.0
+    assert bundle["start_s"] == pytest.approx(bundle["load_s"] + bundle["first_run_s"])
+    assert "in 3 processes, in turns" in benchmark.format_report(result)
+    with pytest.raises(ValueError, match="rounds"):
+        benchmark.run_benchmark(model=path, rounds=0)
