@@ -167,10 +167,7 @@ def load_compact(path: "str | os.PathLike") -> CompactModel:
     # load; its verdict comes first, so a corrupt file is reported as such whatever the checks made of it
     digest = _Sha256(blob)
     try:
-        arrays, _ = safetensors_codec.decode(blob)
-        model, failure = reader.model(arrays), None
-    except ValueError as error:
-        model, failure = None, BundleError(f"Bundle {path}: {WEIGHTS}: {error}")
+        model, failure = reader.model(_arrays(path, blob)), None
     except BundleError as error:
         model, failure = None, error
     if digest.hexdigest() != declared["sha256"]:
@@ -179,6 +176,12 @@ def load_compact(path: "str | os.PathLike") -> CompactModel:
         raise failure
     return model
 
+
+def _arrays(path: Path, blob: bytes) -> dict[str, np.ndarray]:
+    try:
+        return safetensors_codec.decode(blob)[0]
+    except ValueError as error:
+        raise BundleError(f"Bundle {path}: {WEIGHTS}: {error}") from None
 
 
 class _Sha256:
@@ -192,6 +195,7 @@ class _Sha256:
     def hexdigest(self) -> str:
         self._thread.join()
         return self._hash.hexdigest()
+
 
 def tasks_from_manifest(manifest: Any, source: "str | os.PathLike") -> list[Task]:
     """The tasks described by a manifest embedded in an export's metadata (no weights needed).
