@@ -27,7 +27,9 @@ class BundleSession(Session):
     (`mann_edge.runtime.program.TaskProgram`: buffers, kernels and shapes fixed, one compiled
     call per run); a run big enough to gain from ``threads`` > 1 (`PARALLEL_MIN_WORK`) runs op by
     op on the parallel kernels instead. Without numba (or with ``MANN_EDGE_KERNELS=numpy``), op
-    by op on the scipy kernels.
+    by op on the scipy kernels. With numba, opening a bundle starts loading the compiled
+    interpreters its tasks run on a short-lived background thread (`program.preload`), whatever
+    ``threads`` says: that thread loads code, it runs no task.
 
     Args:
         path: the `.mann` bundle (zip or directory).
