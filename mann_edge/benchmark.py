@@ -101,7 +101,8 @@ DENSE_PEERS = tuple(name for name in BACKENDS if name.endswith("_dense"))
 
 def _compiles_kernels(name: str) -> bool:
     """Whether the backend compiles kernels in a process (numba) that later processes load from numba's cache."""
-    return BACKENDS[name][0].startswith("mann") and BACKENDS[name][2].get("MANN_EDGE_KERNELS") != "numpy"
+    artifact, _, environment = BACKENDS[name]
+    return ARTIFACTS[artifact][0] == "mann" and environment.get("MANN_EDGE_KERNELS") != "numpy"
 
 
 def _progress(message: str) -> None:
